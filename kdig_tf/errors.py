@@ -1,0 +1,34 @@
+"""Named exceptions. Every user-facing failure is a subclass of KdigError so that
+scripts can turn it into a one-line message and a non-zero exit."""
+
+
+class KdigError(Exception):
+    """Base class for every error kdig_tf raises on bad input."""
+
+
+class UnknownDatasetError(KdigError):
+    """The tfds dataset name is not registered, or not prepared in data_dir."""
+
+
+class UnknownSplitError(KdigError):
+    """The requested split does not exist in the prepared dataset."""
+
+
+class UnknownKeyError(KdigError):
+    """A registry lookup (method, compression factor, baseline...) failed."""
+
+
+class WeightKeyError(KdigError):
+    """A state dict has missing or unexpected keys for the target network."""
+
+
+class ShapeMismatchError(KdigError):
+    """A tensor, map or weight does not have the shape the receiver expects."""
+
+
+class NotAModelError(KdigError):
+    """A file is missing, empty, corrupt, or not a model kdig_tf can read."""
+
+
+class InvalidArgumentError(KdigError, ValueError):
+    """A numeric argument is outside its valid range (p, alpha, T, steps...)."""

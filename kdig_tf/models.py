@@ -1,0 +1,192 @@
+"""The CIFAR MobileNetV2 teacher and its truncated students, in tf-keras.
+
+Layer names mirror the PyTorch (torchvision / huyvnphan ``PyTorch_CIFAR10``)
+state-dict prefixes with dots replaced by underscores, so ``features.3.conv.1.0``
+(a depthwise conv in PyTorch) is the Keras layer ``features_3_conv_1_0``.
+
+Models take already-preprocessed inputs: the teacher expects CIFAR mean/std
+normalised images, a student raw [0, 1] pixels (see ``kdig_tf.data``).
+"""
+import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
+
+import tf_keras as keras
+
+from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
+
+# (expansion t, output channels c, repeats n, first stride s). CIFAR variant:
+# the 24-channel stage keeps stride 1 (ImageNet uses 2).
+INVERTED_RESIDUAL_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+# features.0 is the stem, features.1..17 the inverted residuals, features.18 the head conv.
+NUM_FEATURE_MODULES = 19
+MAX_STUDENT_BLOCKS = NUM_FEATURE_MODULES - 1
+BN_EPSILON = 1e-5
+# PyTorch momentum 0.1 updates the running stats by 10 %; Keras counts the other way.
+BN_MOMENTUM = 0.9
+TEACHER_PARAMS = 2_236_682
+
+# keep_blocks -> trainable parameter count, for the width-1.0, 10-class networks.
+STUDENT_PARAMS = {
+    16: 1_019_402,
+    14: 543_498,
+    12: 306_954,
+    10: 185_738,
+    8: 77_194,
+    6: 40_970,
+    4: 16_042,
+    2: 1_994,
+}
+# Named compression factors (teacher params / student params, rounded to 2 decimals).
+COMPRESSION_FACTORS = {
+    f"{TEACHER_PARAMS / count:.2f}x": keep for keep, count in STUDENT_PARAMS.items()
+}
+
+
+def make_divisible(value, divisor=8, min_value=None):
+    """Round channels like torchvision, never dropping more than 10 %."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+def _conv_bn_relu(x, filters, kernel_size, stride, name, depthwise=False):
+    """Conv (no bias) + BN + ReLU6, padded exactly like PyTorch ``padding=k//2``."""
+    if stride > 1:
+        # Keras 'same' pads bottom/right only for even inputs; PyTorch pads both sides.
+        x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    if depthwise:
+        x = keras.layers.DepthwiseConv2D(
+            kernel_size, strides=stride, padding=padding, use_bias=False, name=f"{name}_0"
+        )(x)
+    else:
+        x = keras.layers.Conv2D(
+            filters, kernel_size, strides=stride, padding=padding, use_bias=False, name=f"{name}_0"
+        )(x)
+    x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_1")(x)
+    return keras.layers.ReLU(6.0, name=f"{name}_2")(x)
+
+
+def _inverted_residual(x, in_channels, out_channels, stride, expand_ratio, name):
+    hidden = int(round(in_channels * expand_ratio))
+    shortcut = x
+    prefix = f"{name}_conv"
+    index = 0
+    if expand_ratio != 1:
+        x = _conv_bn_relu(x, hidden, 1, 1, f"{prefix}_{index}")
+        index += 1
+    x = _conv_bn_relu(x, hidden, 3, stride, f"{prefix}_{index}", depthwise=True)
+    x = keras.layers.Conv2D(out_channels, 1, use_bias=False, name=f"{prefix}_{index + 1}")(x)
+    x = keras.layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{prefix}_{index + 2}"
+    )(x)
+    if stride == 1 and in_channels == out_channels:
+        x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+    return x
+
+
+def _block_plan(width_multiplier):
+    """List of (in_channels, out_channels, stride, expand) for features.1..17."""
+    plan = []
+    in_channels = make_divisible(STEM_CHANNELS * width_multiplier)
+    for expand, channels, repeats, first_stride in INVERTED_RESIDUAL_SETTING:
+        out_channels = make_divisible(channels * width_multiplier)
+        for repeat in range(repeats):
+            plan.append((in_channels, out_channels, first_stride if repeat == 0 else 1, expand))
+            in_channels = out_channels
+    return plan
+
+
+def _features(inputs, keep_blocks, width_multiplier):
+    x = _conv_bn_relu(inputs, make_divisible(STEM_CHANNELS * width_multiplier), 3, 1, "features_0")
+    for index, (cin, cout, stride, expand) in enumerate(_block_plan(width_multiplier)[: keep_blocks - 1]):
+        x = _inverted_residual(x, cin, cout, stride, expand, f"features_{index + 1}")
+    return x
+
+
+def _check_common(num_classes, width_multiplier, input_shape):
+    if int(num_classes) < 2:
+        raise InvalidArgumentError(f"num_classes must be >= 2, got {num_classes}")
+    if not width_multiplier > 0:
+        raise InvalidArgumentError(f"width_multiplier must be > 0, got {width_multiplier}")
+    if len(input_shape) != 3:
+        raise InvalidArgumentError(f"input_shape must be (height, width, channels), got {input_shape}")
+
+
+def build_teacher(num_classes=10, width_multiplier=1.0, input_shape=(32, 32, 3), dropout=0.2,
+                  name="mobilenetv2_teacher"):
+    """The CIFAR MobileNetV2: 2,236,682 trainable parameters at width 1 and 10 classes."""
+    _check_common(num_classes, width_multiplier, input_shape)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = _features(inputs, MAX_STUDENT_BLOCKS, width_multiplier)
+    head = make_divisible(HEAD_CHANNELS * max(1.0, width_multiplier))
+    x = _conv_bn_relu(x, head, 1, 1, f"features_{MAX_STUDENT_BLOCKS}")
+    x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    x = keras.layers.Dropout(dropout, name="classifier_0")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier_1")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def resolve_keep_blocks(keep_blocks=None, compression=None):
+    """Return keep_blocks from either itself or a named compression factor like '4.12x'."""
+    if (keep_blocks is None) == (compression is None):
+        raise InvalidArgumentError("give exactly one of keep_blocks or compression")
+    if compression is not None:
+        key = compression if str(compression).endswith("x") else f"{float(compression):.2f}x"
+        if key not in COMPRESSION_FACTORS:
+            raise UnknownKeyError(
+                f"unknown compression factor {compression!r}; known: {sorted(COMPRESSION_FACTORS)}"
+            )
+        return COMPRESSION_FACTORS[key]
+    keep_blocks = int(keep_blocks)
+    if not 1 <= keep_blocks <= MAX_STUDENT_BLOCKS:
+        raise InvalidArgumentError(f"keep_blocks must be in [1, {MAX_STUDENT_BLOCKS}], got {keep_blocks}")
+    return keep_blocks
+
+
+def build_student(keep_blocks=None, compression=None, num_classes=10, width_multiplier=1.0,
+                  input_shape=(32, 32, 3), name=None):
+    """The teacher's first ``keep_blocks`` feature modules, global average pooling, Dense.
+
+    ``keep_blocks=14`` is the paper's 4.1x student (543,498 parameters). There is no
+    head conv and no dropout. The Dense layer keeps the PyTorch name ``classifier_1``
+    so that the authors' ``classifier.1.*`` weights map onto it.
+    """
+    keep_blocks = resolve_keep_blocks(keep_blocks, compression)
+    _check_common(num_classes, width_multiplier, input_shape)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = _features(inputs, keep_blocks, width_multiplier)
+    x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
+    outputs = keras.layers.Dense(num_classes, name="classifier_1")(x)
+    if name is None:
+        name = f"mobilenetv2_student_k{keep_blocks}"
+        if width_multiplier != 1.0:
+            name += f"_w{width_multiplier:g}"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def count_trainable_params(model):
+    return int(sum(int(keras.backend.count_params(w)) for w in model.trainable_weights))
+
+
+def feature_layer_name(module_index, model=None):
+    """Name of the last layer of ``features.<module_index>`` (for attention transfer)."""
+    if module_index == 0 or module_index == MAX_STUDENT_BLOCKS:
+        return f"features_{module_index}_2"
+    _, _, stride, expand = _block_plan(1.0)[module_index - 1]
+    if model is not None and f"features_{module_index}_add" in [layer.name for layer in model.layers]:
+        return f"features_{module_index}_add"
+    return f"features_{module_index}_conv_{3 if expand != 1 else 2}"
