@@ -24,39 +24,18 @@ def default_data_dir(data_dir=None):
     return data_dir or os.environ.get("TFDS_DATA_DIR") or None
 
 
-def _builder(name, data_dir):
-    try:
-        builder = tfds.builder(name, data_dir=default_data_dir(data_dir))
-    except tfds.core.registered.DatasetNotFoundError as err:
-        raise UnknownDatasetError(f"unknown tfds dataset {name!r}") from err
-    return builder
-
-
-def get_info(name=DEFAULT_DATASET, data_dir=None):
-    """The tfds DatasetInfo, without reading data or touching the network."""
-    builder = _builder(name, data_dir)
-    if not builder.is_prepared():
-        raise UnknownDatasetError(
-            f"dataset {name!r} is not prepared in {builder.data_dir!r}; pass data_dir or set TFDS_DATA_DIR"
-        )
-    return builder.info
-
-
-def _check_split(info, split):
-    available = set(info.splits.keys())
-    # A split spec may be 'train[:45000]', 'train[45000:]', 'train+test' or 'train[:10%]'.
-    for part in split.split("+"):
-        base = part.split("[")[0].strip()
-        if base not in available:
-            raise UnknownSplitError(
-                f"split {base!r} does not exist in {info.name}; available: {sorted(available)}"
-            )
-
-
-def num_examples(split, name=DEFAULT_DATASET, data_dir=None):
-    info = get_info(name, data_dir)
-    _check_split(info, split)
-    return int(info.splits[split].num_examples)
+def _translate_tfds_error(err, name, split, data_dir):
+    """Map tfds' generic exceptions onto kdig_tf's named errors."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, tfds.core.registered.DatasetNotFoundError):
+        return UnknownDatasetError(f"unknown tfds dataset {name!r}")
+    if isinstance(err, AssertionError) and "could not find data" in text:
+        return UnknownDatasetError(
+            f"dataset {name!r} is not prepared in {default_data_dir(data_dir)!r}; pass data_dir, "
+            "set TFDS_DATA_DIR, or allow download=True")
+    if isinstance(err, (ValueError, KeyError)) and ("split" in text.lower() or "slice" in text.lower()):
+        return UnknownSplitError(f"bad split {split!r} for {name}: {text}")
+    return None
 
 
 def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shuffle_files=False):
@@ -65,28 +44,18 @@ def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shu
     ``download`` is explicit and False by default: an offline ``tfds.load`` that tries to
     download hangs for minutes. Order is deterministic (files are not shuffled).
     """
-    builder = _builder(name, data_dir)
-    if not builder.is_prepared() and not download:
-        raise UnknownDatasetError(
-            f"dataset {name!r} is not prepared in {builder.data_dir!r}; pass data_dir, set "
-            "TFDS_DATA_DIR, or allow download=True"
-        )
-    info = builder.info if builder.is_prepared() else None
-    if info is not None:
-        _check_split(info, split)
     try:
         ds, info = tfds.load(
             name, split=split, data_dir=default_data_dir(data_dir), download=download,
             shuffle_files=shuffle_files, with_info=True,
-            read_config=tfds.ReadConfig(shuffle_seed=0, interleave_cycle_length=1),
         )
-    except (ValueError, KeyError) as err:
-        if "split" in str(err).lower():
-            raise UnknownSplitError(str(err).splitlines()[0]) from err
-        raise
+    except (AssertionError, ValueError, KeyError) as err:
+        named = _translate_tfds_error(err, name, split, data_dir)
+        if named is None:
+            raise
+        raise named from err
     image_key = _image_key(info)
-    has_id = "id" in info.features
-    if has_id:
+    if "id" in info.features:
         ds = ds.map(lambda ex: (ex[image_key], ex["label"], ex["id"]), num_parallel_calls=AUTOTUNE,
                     deterministic=True)
     else:
@@ -100,6 +69,14 @@ def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shu
             num_parallel_calls=AUTOTUNE, deterministic=True,
         )
     return ds, info
+
+
+def count_examples(ds):
+    """Number of elements of a finite dataset (cheap when tfds knows the cardinality)."""
+    cardinality = int(ds.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    return int(ds.reduce(0, lambda count, *_: count + 1))
 
 
 def _image_key(info):
