@@ -1,0 +1,162 @@
+"""The IG overlay and the training input pipeline, as pure TF ops on batches.
+
+With probability ``p`` an image x in [0,1] becomes (1 - beta) x + beta m, where m is
+the teacher's IG map raised to a random power s = exp(U(ln a, ln b)), min-max
+normalised per map, and tiled to the image's channels.
+
+By default the map is cropped and flipped together with its image, so it stays on the
+pixels it explains. ``paper_mode=True`` reproduces the authors' code: the image is
+augmented and the map is blended untransformed.
+"""
+import kdig_tf  # noqa: F401
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
+
+# Below this range a map is treated as constant and contributes zeros, not NaNs.
+CONSTANT_MAP_EPSILON = 1e-12
+TARGET_ORDERS = ("aligned", "shuffled")
+
+
+def check_overlay_args(p, beta=0.5, power_range=(1.0, 2.0)):
+    if not 0.0 <= p <= 1.0:
+        raise InvalidArgumentError(f"overlay probability p must be in [0, 1], got {p}")
+    if not 0.0 <= beta <= 1.0:
+        raise InvalidArgumentError(f"overlay weight beta must be in [0, 1], got {beta}")
+    low, high = power_range
+    if not 0.0 < low <= high:
+        raise InvalidArgumentError(f"power_range must satisfy 0 < a <= b, got {power_range}")
+
+
+def normalize_maps(maps, powers):
+    """maps [B,H,W] >= 0, powers [B] -> per-map min-max normalised maps^power in [0,1]."""
+    powered = tf.pow(maps, powers[:, None, None])
+    low = tf.reduce_min(powered, axis=[1, 2], keepdims=True)
+    span = tf.reduce_max(powered, axis=[1, 2], keepdims=True) - low
+    return tf.where(span > CONSTANT_MAP_EPSILON, (powered - low) / tf.maximum(span, CONSTANT_MAP_EPSILON),
+                    tf.zeros_like(powered))
+
+
+def overlay_batch(images, maps, seed, p, beta=0.5, power_range=(1.0, 2.0)):
+    """Blend maps into a batch of [0,1] images with probability p each.
+
+    images [B,H,W,C] float in [0,1]; maps [B,H,W]; ``seed`` is a stateless seed [2].
+    Returns (images, applied [B] bool).
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    maps = tf.convert_to_tensor(maps, tf.float32)
+    if images.shape.rank != 4 or maps.shape.rank != 3:
+        raise ShapeMismatchError(f"expected images [B,H,W,C] and maps [B,H,W], got {images.shape}, {maps.shape}")
+    if images.shape[1:3].is_fully_defined() and maps.shape[1:3].is_fully_defined() \
+            and images.shape[1:3] != maps.shape[1:3]:
+        raise ShapeMismatchError(f"map shape {maps.shape[1:]} does not match image shape {images.shape[1:3]}")
+    batch = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    applied = tf.random.stateless_uniform([batch], seeds[0]) < p
+    log_low, log_high = math.log(power_range[0]), math.log(power_range[1])
+    powers = tf.exp(tf.random.stateless_uniform([batch], seeds[1], log_low, log_high)) \
+        if log_high > log_low else tf.fill([batch], float(power_range[0]))
+    overlays = normalize_maps(maps, powers)[..., None]
+    blended = (1.0 - beta) * images + beta * overlays
+    return tf.where(applied[:, None, None, None], blended, images), applied
+
+
+def crop_flip_batch(images, seed, pad=4):
+    """Per-example random crop (zero padding ``pad``) and horizontal flip, vectorised.
+
+    One gather along rows and one along columns crop every example at its own offset.
+    Any extra channels (e.g. a stacked map) move with the image.
+    """
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    top = tf.random.stateless_uniform([batch], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([batch], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
+    rows = top[:, None] + tf.range(height)[None, :]
+    columns = left[:, None] + tf.range(width)[None, :]
+    columns = tf.where(flip[:, None], tf.reverse(columns, axis=[1]), columns)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, columns, axis=2, batch_dims=1)
+
+
+def augment_and_overlay(images_uint8, maps, seed, p, beta=0.5, power_range=(1.0, 2.0), augment=True,
+                        paper_mode=False):
+    """uint8 images + maps -> student inputs in [0,1], crop/flip then overlay."""
+    images = tf.cast(images_uint8, tf.float32) / 255.0
+    maps = tf.convert_to_tensor(maps, tf.float32)
+    crop_seed, overlay_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if augment:
+        if paper_mode:
+            images = crop_flip_batch(images, crop_seed)
+        else:
+            stacked = crop_flip_batch(tf.concat([images, maps[..., None]], axis=-1), crop_seed)
+            images, maps = stacked[..., :-1], stacked[..., -1]
+    images, _ = overlay_batch(images, maps, overlay_seed, p, beta, power_range)
+    return images
+
+
+def target_permutation(num_examples, seed):
+    """The misalignment control's pairing: image i gets the targets of example perm[i]."""
+    return np.random.default_rng(seed).permutation(num_examples)
+
+
+def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0), seed=0, augment=True,
+                     paper_mode=False, shuffle=True, cached_targets_order="aligned", repeat=False,
+                     drop_remainder=False, return_target_ids=False):
+    """Batches of (student_input, label, teacher_logits, id) from a :class:`records.Store`.
+
+    Records are shuffled as serialized strings, batched, then parsed in one op per batch.
+    ``cached_targets_order="shuffled"`` is the misalignment control: every image is given
+    another image's logits and map, as the paper's released code did by accident.
+    """
+    check_overlay_args(p, beta, power_range)
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    if cached_targets_order not in TARGET_ORDERS:
+        raise UnknownKeyError(f"cached_targets_order must be one of {TARGET_ORDERS}, got {cached_targets_order!r}")
+    image_shape = store.image_shape
+    ds = store.raw_dataset().cache()
+    if shuffle:
+        ds = ds.shuffle(store.num_examples, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(store.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+    if cached_targets_order == "shuffled":
+        everything = store.read_all()
+        permutation = target_permutation(store.num_examples, seed)
+        logits_table = tf.constant(everything["logits"][permutation])
+        maps_table = tf.constant(everything["map"][permutation])
+        ids_table = tf.constant(everything["id"][permutation])
+
+        def swap_targets(batch):
+            batch = dict(batch)
+            batch["logits"] = tf.gather(logits_table, batch["index"])
+            batch["map"] = tf.gather(maps_table, batch["index"])
+            batch["target_id"] = tf.gather(ids_table, batch["index"])
+            return batch
+        ds = ds.map(swap_targets, num_parallel_calls=tf.data.AUTOTUNE)
+
+    # A fresh random seed per batch and per epoch, reproducible from ``seed``.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    ds = tf.data.Dataset.zip((ds, seeds))
+
+    def to_training_example(batch, batch_seed):
+        if batch["map"].shape[1:] != image_shape[:2]:
+            raise ShapeMismatchError(f"maps {batch['map'].shape[1:]} do not match images {image_shape[:2]}")
+        inputs = augment_and_overlay(batch["image"], batch["map"], batch_seed, p, beta, power_range,
+                                     augment=augment, paper_mode=paper_mode)
+        example = (inputs, batch["label"], batch["logits"], batch["id"])
+        if return_target_ids:
+            example += (batch.get("target_id", batch["id"]),)
+        return example
+
+    ds = ds.map(to_training_example, num_parallel_calls=tf.data.AUTOTUNE)
+    if repeat:
+        ds = ds.repeat()
+    return ds.prefetch(tf.data.AUTOTUNE)

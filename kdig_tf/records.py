@@ -1,0 +1,392 @@
+"""The precompute store: teacher logits and IG maps, one self-contained record per image.
+
+Layout of a store directory::
+
+    shard-00000-of-00008.tfrecord   records of examples [0, n) in tfds read order
+    shard-00000-of-00008.json       that shard's count, sha256, ids digest and settings
+    manifest.json                   written last, once every shard is complete
+
+Each record holds ``id`` (the tfds example id), ``index`` (position in the split),
+``label``, ``image`` (raw uint8), ``logits`` (float32) and ``map`` (float16, or uint8 with
+a per-map ``map_scale``). Nothing is ever looked up by position across files: an image
+and its targets travel in the same record, so they cannot be misaligned.
+
+A shard is written under a temporary name and renamed when complete, then its sidecar
+JSON is written. A rerun skips every shard whose sidecar matches the settings, so a
+killed run resumes without recomputing. ``shard_index``/``num_workers`` split the shards
+across processes or machines; :func:`finalize_store` then merges the sidecars.
+"""
+import kdig_tf  # noqa: F401
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+from kdig_tf import attribution, data
+from kdig_tf.errors import InvalidArgumentError, KdigError, ShapeMismatchError
+from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
+
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+MAP_ENCODINGS = ("float16", "uint8")
+
+
+class StoreError(KdigError):
+    """The store is incomplete, corrupt, or inconsistent."""
+
+
+class CorruptShardError(StoreError):
+    """A shard's bytes do not match its recorded checksum, or cannot be parsed."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was built with another teacher, dataset, split or IG settings."""
+
+
+class DuplicateIdError(StoreError):
+    """Two records share an example id, or ids are missing."""
+
+
+class NonFiniteMapError(StoreError):
+    """An IG map or logits vector holds NaN or Inf."""
+
+
+def weights_fingerprint(model):
+    """sha256 over the model's weights (names, shapes and bytes), independent of file format."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(weight.numpy())
+        digest.update(weight.name.split("/", 1)[-1].encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def store_settings(dataset, split, teacher_hash, ig_settings, map_encoding="float16"):
+    """Everything a store depends on. A reader's request must match it exactly."""
+    if map_encoding not in MAP_ENCODINGS:
+        raise InvalidArgumentError(f"map_encoding must be one of {MAP_ENCODINGS}, got {map_encoding!r}")
+    return {"version": STORE_VERSION, "dataset": dataset, "split": split, "teacher_sha256": teacher_hash,
+            "ig": dict(ig_settings), "map_encoding": map_encoding}
+
+
+def shard_name(shard_id, num_shards):
+    return f"shard-{shard_id:05d}-of-{num_shards:05d}"
+
+
+def _bytes_feature(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int_feature(value):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def _float_feature(values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def encode_map(ig_map, encoding):
+    """Map [H,W] float -> (bytes, scale). uint8 stores round(map / max * 255) and max."""
+    if encoding == "float16":
+        return ig_map.astype(np.float16).tobytes(), 1.0
+    scale = float(ig_map.max()) if ig_map.size else 0.0
+    quantised = np.zeros(ig_map.shape, np.uint8) if scale <= 0 else np.round(ig_map / scale * 255.0)
+    return quantised.astype(np.uint8).tobytes(), scale
+
+
+def serialize_example(example_id, index, label, image, logits, ig_map, encoding="float16"):
+    """One self-contained record. Refuses non-finite values and mismatched shapes."""
+    image = np.asarray(image)
+    ig_map = np.asarray(ig_map, np.float32)
+    logits = np.asarray(logits, np.float32)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ShapeMismatchError(f"image must be uint8 [H,W,C], got {image.dtype} {image.shape}")
+    if ig_map.shape != image.shape[:2]:
+        raise ShapeMismatchError(f"map shape {ig_map.shape} does not match image {image.shape[:2]} ({example_id})")
+    if not (np.all(np.isfinite(ig_map)) and np.all(np.isfinite(logits))):
+        raise NonFiniteMapError(f"NaN or Inf in the map or logits of example {example_id}")
+    if np.any(ig_map < 0):
+        raise InvalidArgumentError(f"IG maps are sums of |attribution| and cannot be negative ({example_id})")
+    map_bytes, scale = encode_map(ig_map, encoding)
+    features = {
+        "id": _bytes_feature(example_id if isinstance(example_id, bytes) else example_id.encode()),
+        "index": _int_feature(index),
+        "label": _int_feature(label),
+        "image": _bytes_feature(image.tobytes()),
+        "logits": _float_feature(logits),
+        "map": _bytes_feature(map_bytes),
+        "map_scale": _float_feature([scale]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _parse_spec(num_classes):
+    return {
+        "id": tf.io.FixedLenFeature([], tf.string),
+        "index": tf.io.FixedLenFeature([], tf.int64),
+        "label": tf.io.FixedLenFeature([], tf.int64),
+        "image": tf.io.FixedLenFeature([], tf.string),
+        "logits": tf.io.FixedLenFeature([num_classes], tf.float32),
+        "map": tf.io.FixedLenFeature([], tf.string),
+        "map_scale": tf.io.FixedLenFeature([1], tf.float32),
+    }
+
+
+def parse_batch(serialized, image_shape, num_classes, map_encoding):
+    """Parse a batch of serialized records (batched parsing is ~3x faster than per record)."""
+    parsed = tf.io.parse_example(serialized, _parse_spec(num_classes))
+    height, width, channels = image_shape
+    images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, height, width, channels])
+    if map_encoding == "float16":
+        maps = tf.cast(tf.io.decode_raw(parsed["map"], tf.float16), tf.float32)
+    else:
+        maps = tf.cast(tf.io.decode_raw(parsed["map"], tf.uint8), tf.float32) / 255.0 * parsed["map_scale"]
+    maps = tf.reshape(maps, [-1, height, width])
+    return {"id": parsed["id"], "index": parsed["index"], "label": parsed["label"], "image": images,
+            "logits": parsed["logits"], "map": maps}
+
+
+def _ids_digest(ids):
+    digest = hashlib.sha256()
+    for example_id in ids:
+        digest.update(example_id + b"\n")
+    return digest.hexdigest()
+
+
+class TeacherTargets:
+    """Computes (logits, IG map) for uint8 images with one teacher and one IG setup."""
+
+    def __init__(self, teacher, preprocess=data.preprocess_teacher, steps=50, method="gausslegendre",
+                 baseline="zeros", max_batch=256, pixel_to_input=data.normalize_teacher):
+        self.teacher = teacher
+        self.preprocess = preprocess
+        self.ig = attribution.IntegratedGradients(
+            teacher, steps=steps, method=method, baseline=baseline, max_batch=max_batch,
+            pixel_to_input=pixel_to_input)
+        self._logits = tf.function(lambda x: teacher(x, training=False), reduce_retracing=True)
+
+    def settings(self):
+        return self.ig.settings()
+
+    def __call__(self, images_uint8, labels):
+        inputs = self.preprocess(tf.convert_to_tensor(images_uint8))
+        logits = self._logits(inputs)
+        result = self.ig(inputs, tf.cast(labels, tf.int32))
+        return logits.numpy(), attribution.attribution_map(result.attributions).numpy()
+
+
+def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10", split="train",
+                     data_dir=None, examples_per_shard=2500, batch_size=64, shard_index=0, num_workers=1,
+                     map_encoding="float16", limit=None, progress=True):
+    """Write the shards this worker owns, skipping finished ones. Returns the settings dict.
+
+    With ``num_workers == 1`` the manifest is finalised at the end; otherwise run
+    :func:`finalize_store` once every worker has finished.
+    """
+    if examples_per_shard < 1 or batch_size < 1:
+        raise InvalidArgumentError("examples_per_shard and batch_size must be >= 1")
+    if not 0 <= shard_index < num_workers:
+        raise InvalidArgumentError(f"shard_index must be in [0, {num_workers}), got {shard_index}")
+    ds, info = data.load(dataset, split, data_dir)
+    if limit:
+        ds = ds.take(limit)
+    total = data.count_examples(ds)
+    if total == 0:
+        raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")
+    settings = store_settings(dataset, split, teacher_hash, teacher_targets.settings(), map_encoding)
+    settings["num_examples"] = total
+    settings["image_shape"] = [int(d) for d in ds.element_spec[0].shape]
+    settings["num_classes"] = int(teacher_targets.teacher.output_shape[-1])
+    settings["examples_per_shard"] = examples_per_shard
+    num_shards = -(-total // examples_per_shard)
+    os.makedirs(store_dir, exist_ok=True)
+    _refuse_foreign_store(store_dir, settings)
+
+    owned = [shard for shard in range(num_shards) if shard % num_workers == shard_index]
+    todo = [shard for shard in owned if not _shard_done(store_dir, shard, num_shards, settings)]
+    bar = tqdm(total=sum(min(examples_per_shard, total - s * examples_per_shard) for s in todo),
+               unit="img", desc=f"IG+logits ({len(todo)}/{len(owned)} shards to do)", disable=not progress)
+    for shard in todo:
+        start = shard * examples_per_shard
+        count = min(examples_per_shard, total - start)
+        _write_shard(store_dir, shard, num_shards, ds.skip(start).take(count), start, count,
+                     teacher_targets, batch_size, settings, bar)
+    bar.close()
+    if num_workers == 1:
+        finalize_store(store_dir)
+    return settings
+
+
+def _refuse_foreign_store(store_dir, settings):
+    """A directory holding shards of other settings must not be silently mixed with ours."""
+    for name in sorted(os.listdir(store_dir)):
+        if name.startswith("shard-") and name.endswith(".json"):
+            with open(os.path.join(store_dir, name)) as handle:
+                other = json.load(handle)["settings"]
+            if other != settings:
+                raise StoreMismatchError(
+                    f"{store_dir} holds shards built with other settings ({_diff(other, settings)}); "
+                    "use another directory or delete it")
+            return
+
+
+def _diff(found, wanted):
+    keys = sorted(set(found) | set(wanted))
+    return ", ".join(f"{k}: {found.get(k)!r} != {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k))
+
+
+def _shard_done(store_dir, shard, num_shards, settings):
+    sidecar = os.path.join(store_dir, shard_name(shard, num_shards) + ".json")
+    record = os.path.join(store_dir, shard_name(shard, num_shards) + ".tfrecord")
+    if not (os.path.exists(sidecar) and os.path.exists(record)):
+        return False
+    with open(sidecar) as handle:
+        meta = json.load(handle)
+    return meta.get("settings") == settings
+
+
+def _write_shard(store_dir, shard, num_shards, shard_ds, start, count, teacher_targets, batch_size,
+                 settings, bar):
+    name = shard_name(shard, num_shards)
+    record_path = os.path.join(store_dir, name + ".tfrecord")
+    ids = []
+    index = start
+    with atomic_path(record_path) as tmp:
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for images, labels, batch_ids in shard_ds.batch(batch_size):
+                logits, maps = teacher_targets(images, labels)
+                for row in range(len(batch_ids)):
+                    example_id = batch_ids[row].numpy()
+                    writer.write(serialize_example(example_id, index, labels[row].numpy(), images[row].numpy(),
+                                                   logits[row], maps[row], settings["map_encoding"]))
+                    ids.append(example_id)
+                    index += 1
+                bar.update(len(batch_ids))
+        if len(ids) != count:
+            raise StoreError(f"shard {name}: expected {count} examples, read {len(ids)}")
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError(f"shard {name} holds duplicate example ids")
+    atomic_write_json(os.path.join(store_dir, name + ".json"), {
+        "file": name + ".tfrecord", "shard": shard, "start": start, "count": count,
+        "sha256": sha256_file(record_path), "ids_sha256": _ids_digest(ids), "settings": settings})
+
+
+def finalize_store(store_dir):
+    """Merge shard sidecars into ``manifest.json`` once every shard is present and consistent."""
+    sidecars = sorted(name for name in os.listdir(store_dir) if name.startswith("shard-") and name.endswith(".json"))
+    if not sidecars:
+        raise StoreError(f"no finished shards in {store_dir}")
+    metas = []
+    for name in sidecars:
+        with open(os.path.join(store_dir, name)) as handle:
+            metas.append(json.load(handle))
+    settings = metas[0]["settings"]
+    for meta in metas[1:]:
+        if meta["settings"] != settings:
+            raise StoreMismatchError(f"shard {meta['file']} was built with other settings: "
+                                     f"{_diff(meta['settings'], settings)}")
+    num_shards = -(-settings["num_examples"] // settings["examples_per_shard"])
+    missing = sorted(set(range(num_shards)) - {meta["shard"] for meta in metas})
+    if missing:
+        raise StoreError(f"store {store_dir} is incomplete: shards {missing} of {num_shards} are missing")
+    if sum(meta["count"] for meta in metas) != settings["num_examples"]:
+        raise StoreError("shard counts do not add up to the split size")
+    manifest = dict(settings)
+    manifest["shards"] = [{k: meta[k] for k in ("file", "start", "count", "sha256", "ids_sha256")}
+                          for meta in sorted(metas, key=lambda m: m["shard"])]
+    atomic_write_json(os.path.join(store_dir, MANIFEST), manifest)
+    return manifest
+
+
+class Store:
+    """A validated, read-only view of a finished store."""
+
+    def __init__(self, store_dir, expected=None, verify_checksums=True, verify_ids=True):
+        """``expected`` is a :func:`store_settings` dict; any difference raises StoreMismatchError."""
+        self.store_dir = store_dir
+        path = os.path.join(store_dir, MANIFEST)
+        if not os.path.exists(path):
+            raise StoreError(f"{store_dir} has no {MANIFEST}: the store is missing or unfinished")
+        try:
+            with open(path) as handle:
+                self.manifest = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptShardError(f"{path} is not valid JSON: {err}") from err
+        if self.manifest.get("version") != STORE_VERSION:
+            raise StoreMismatchError(f"store version {self.manifest.get('version')} != {STORE_VERSION}")
+        if expected is not None:
+            found = {key: self.manifest.get(key) for key in expected}
+            if found != expected:
+                raise StoreMismatchError(f"store {store_dir} does not match the request: {_diff(found, expected)}")
+        self.files = [os.path.join(store_dir, shard["file"]) for shard in self.manifest["shards"]]
+        for shard, file in zip(self.manifest["shards"], self.files):
+            if not os.path.exists(file):
+                raise StoreError(f"shard file {file} is missing")
+            if verify_checksums and sha256_file(file) != shard["sha256"]:
+                raise CorruptShardError(f"shard {file} does not match its checksum (corrupt or truncated)")
+        if verify_ids:
+            self.verify_ids()
+
+    @property
+    def num_examples(self):
+        return int(self.manifest["num_examples"])
+
+    @property
+    def map_encoding(self):
+        return self.manifest["map_encoding"]
+
+    @property
+    def num_classes(self):
+        return int(self.manifest["num_classes"])
+
+    @property
+    def image_shape(self):
+        return tuple(self.manifest["image_shape"])
+
+    def raw_dataset(self):
+        """Serialized records in store order (the split's tfds read order)."""
+        return tf.data.TFRecordDataset(self.files, num_parallel_reads=1)
+
+    def parse(self, serialized):
+        return parse_batch(serialized, self.image_shape, self.num_classes, self.map_encoding)
+
+    def read_all(self, batch_size=1024):
+        """Every record as numpy arrays, in store order (for small stores and tests)."""
+        columns = {}
+        try:
+            for batch in self.raw_dataset().batch(batch_size).map(self.parse):
+                for key, value in batch.items():
+                    columns.setdefault(key, []).append(value.numpy())
+        except tf.errors.DataLossError as err:
+            raise CorruptShardError(f"a shard of {self.store_dir} is corrupt: {err.message.splitlines()[0]}") from err
+        return {key: np.concatenate(values) for key, values in columns.items()}
+
+    def verify_ids(self):
+        """Every id appears once, per-shard digests match, indices are 0..N-1 in order."""
+        ids_and_index = self.raw_dataset().batch(4096).map(
+            lambda s: tf.io.parse_example(s, {"id": tf.io.FixedLenFeature([], tf.string),
+                                              "index": tf.io.FixedLenFeature([], tf.int64)}))
+        ids, indices = [], []
+        try:
+            for batch in ids_and_index:
+                ids.extend(batch["id"].numpy().tolist())
+                indices.append(batch["index"].numpy())
+        except tf.errors.DataLossError as err:
+            raise CorruptShardError(f"a shard of {self.store_dir} is corrupt: {err.message.splitlines()[0]}") from err
+        if len(ids) != self.num_examples:
+            raise DuplicateIdError(f"store holds {len(ids)} records, manifest says {self.num_examples}")
+        if len(set(ids)) != len(ids):
+            raise DuplicateIdError(f"store {self.store_dir} holds duplicate example ids")
+        if not np.array_equal(np.concatenate(indices), np.arange(len(ids))):
+            raise StoreError("record indices are not 0..N-1 in order")
+        position = 0
+        for shard in self.manifest["shards"]:
+            if _ids_digest(ids[position:position + shard["count"]]) != shard["ids_sha256"]:
+                raise DuplicateIdError(f"ids of {shard['file']} do not match the manifest")
+            position += shard["count"]
+        return ids
