@@ -32,3 +32,25 @@ class NotAModelError(KdigError):
 
 class InvalidArgumentError(KdigError, ValueError):
     """A numeric argument is outside its valid range (p, alpha, T, steps...)."""
+
+
+class MissingDependencyError(KdigError):
+    """An optional dependency (e.g. PyTorch for .pt files) is not installed."""
+
+
+class SidecarMismatchError(ShapeMismatchError):
+    """A .tflite sidecar JSON does not describe the model next to it (shape, dtype, quantisation, hash)."""
+
+
+class UnsupportedLayerError(KdigError):
+    """A layer type cannot be handled (e.g. tfmot cannot quantise it)."""
+
+
+class TestSplitSelectionError(KdigError):
+    """A split named ``test`` would be used for selection or tuning without --final_report."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+
+class StaleRunError(KdigError):
+    """A finished run directory was produced with different flags than the campaign now asks for."""

@@ -14,6 +14,10 @@ def atomic_path(path):
     suffix = os.path.splitext(path)[1]
     handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     os.close(handle)
+    # mkstemp creates 0600; give the final file the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -106,14 +106,22 @@ def target_permutation(num_examples, seed):
     return np.random.default_rng(seed).permutation(num_examples)
 
 
+def index_mask(keep_indices, num_examples):
+    """Boolean [num_examples] lookup table, True at ``keep_indices``."""
+    mask = np.zeros(num_examples, bool)
+    mask[np.asarray(keep_indices, np.int64)] = True
+    return tf.constant(mask)
+
+
 def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0), seed=0, augment=True,
                      paper_mode=False, shuffle=True, cached_targets_order="aligned", repeat=False,
-                     drop_remainder=False, return_target_ids=False):
+                     drop_remainder=False, return_target_ids=False, keep_indices=None):
     """Batches of (student_input, label, teacher_logits, id) from a :class:`records.Store`.
 
     Records are shuffled as serialized strings, batched, then parsed in one op per batch.
     ``cached_targets_order="shuffled"`` is the misalignment control: every image is given
     another image's logits and map, as the paper's released code did by accident.
+    ``keep_indices`` restricts training to those store indices (e.g. a stratified subset).
     """
     check_overlay_args(p, beta, power_range)
     if batch_size < 1:
@@ -121,7 +129,12 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
     if cached_targets_order not in TARGET_ORDERS:
         raise UnknownKeyError(f"cached_targets_order must be one of {TARGET_ORDERS}, got {cached_targets_order!r}")
     image_shape = store.image_shape
-    ds = store.raw_dataset().cache()
+    ds = store.raw_dataset()
+    if keep_indices is not None:
+        mask = index_mask(keep_indices, store.num_examples)
+        index_spec = {"index": tf.io.FixedLenFeature([], tf.int64)}
+        ds = ds.filter(lambda record: tf.gather(mask, tf.io.parse_single_example(record, index_spec)["index"]))
+    ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(store.num_examples, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)

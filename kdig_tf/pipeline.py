@@ -1,0 +1,312 @@
+"""The end-to-end distillation run behind ``scripts/distill.py``, as a plain function.
+
+``run_distillation(DistillConfig(...), workdir)`` makes sure the IG/logit store exists
+(building it if missing, refusing one built with another teacher or settings), trains a
+student with the chosen method, evaluates it, exports TFLite, and writes
+``results.json`` **last**: a workdir without it is an unfinished run. A killed run
+resumes at its last finished epoch.
+"""
+import kdig_tf  # noqa: F401
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from kdig_tf import data, distiller, loading, models, overlay, records
+from kdig_tf.errors import InvalidArgumentError, NotAModelError, UnknownKeyError
+from kdig_tf.io_utils import atomic_path, atomic_write_json
+
+# method -> (uses KD, uses the IG overlay, uses attention transfer)
+METHODS = {
+    "student": (False, False, False),
+    "kd": (True, False, False),
+    "ig": (False, True, False),
+    "kd_ig": (True, True, False),
+    "at": (False, False, True),
+    "kd_at": (True, False, True),
+    "ig_at": (False, True, True),
+    "kd_ig_at": (True, True, True),
+}
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+RESULTS = "results.json"
+TEACHER_HELP = ("train one with `python scripts/train_teacher.py --data_dir=<tfds dir>` (hours on a CPU), or "
+                "pass --teacher=<.h5 | .keras | .pt>; the reference teacher lives in pretrained/teacher.h5")
+
+
+class TeacherNotFoundError(NotAModelError):
+    """The teacher file is missing."""
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Every setting of a run. Defaults are the paper's (arXiv 2503.13008)."""
+    method: str = "kd_ig"
+    teacher: str = "pretrained/teacher.h5"
+    dataset: str = "cifar10"
+    data_dir: str = None
+    train_split: str = "train[:45000]"
+    val_split: str = "train[45000:]"
+    eval_split: str = None
+    subset_fraction: float = 1.0
+    subset_seed: int = 0
+    alpha: float = 0.01
+    temperature: float = 2.5
+    p: float = 0.1
+    beta: float = 0.5
+    power_low: float = 1.0
+    power_high: float = 2.0
+    paper_overlay: bool = False
+    cached_targets_order: str = "aligned"
+    gamma: float = 0.8
+    at_teacher_layer: str = "features_13_add"
+    at_student_layer: str = "features_13_add"
+    epochs: int = 100
+    batch_size: int = 64
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    weight_decay: float = 0.0
+    seed: int = 0
+    keep_blocks: int = 14
+    width_multiplier: float = 1.0
+    store_dir: str = None
+    ig_steps: int = 50
+    ig_method: str = "gausslegendre"
+    ig_baseline: str = "zeros"
+    ig_max_batch: int = 256
+    map_encoding: str = "float16"
+    examples_per_shard: int = 2500
+    export_modes: str = "fp32"
+    verbose: int = 1
+
+    def validate(self):
+        """Raise a named error for any bad setting before anything is written."""
+        if self.method not in METHODS:
+            raise UnknownKeyError(f"unknown method {self.method!r}; known: {sorted(METHODS)}")
+        distiller.KDLoss(self.alpha, self.temperature)
+        overlay.check_overlay_args(self.p, self.beta, (self.power_low, self.power_high))
+        if self.gamma < 0:
+            raise InvalidArgumentError(f"gamma must be >= 0, got {self.gamma}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UnknownKeyError(f"unknown optimizer {self.optimizer!r}; known: {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UnknownKeyError(f"unknown lr_schedule {self.lr_schedule!r}; known: {LR_SCHEDULES}")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise InvalidArgumentError("epochs, batch_size and learning_rate must be positive")
+        if not 0.0 < self.subset_fraction <= 1.0:
+            raise InvalidArgumentError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.cached_targets_order not in overlay.TARGET_ORDERS:
+            raise UnknownKeyError(f"cached_targets_order must be one of {overlay.TARGET_ORDERS}")
+        models.resolve_keep_blocks(self.keep_blocks)
+        if self.ig_steps < 1:
+            raise InvalidArgumentError(f"ig_steps must be >= 1, got {self.ig_steps}")
+        for mode in self.modes():
+            from kdig_tf import export
+            if mode not in export.CONVERSION_MODES:
+                raise UnknownKeyError(f"unknown export mode {mode!r}; known: {sorted(export.CONVERSION_MODES)}")
+
+    def modes(self):
+        return [mode.strip() for mode in (self.export_modes or "").split(",") if mode.strip()]
+
+    @property
+    def uses_kd(self):
+        return METHODS[self.method][0]
+
+    @property
+    def uses_ig(self):
+        return METHODS[self.method][1]
+
+    @property
+    def uses_at(self):
+        return METHODS[self.method][2]
+
+    def effective(self):
+        """(alpha, p, gamma) after the method switches terms off."""
+        return (self.alpha if self.uses_kd else 0.0, self.p if self.uses_ig else 0.0,
+                self.gamma if self.uses_at else 0.0)
+
+
+def load_teacher(path, num_classes=None):
+    if not path or not os.path.exists(path):
+        raise TeacherNotFoundError(f"no teacher at {path!r}: {TEACHER_HELP}")
+    teacher = loading.load_model(path, arch="teacher" if not str(path).endswith(".pt") else None,
+                                 num_classes=num_classes)
+    if loading.input_kind(teacher) != "normalized":
+        raise InvalidArgumentError(f"{path} is a student, not a teacher (it expects [0,1] inputs)")
+    return teacher
+
+
+def ensure_store(config, teacher, store_dir, progress=True):
+    """Open the store for ``config``, building it first if it does not exist."""
+    teacher_hash = records.weights_fingerprint(teacher)
+    targets = records.TeacherTargets(teacher, steps=config.ig_steps, method=config.ig_method,
+                                     baseline=config.ig_baseline, max_batch=config.ig_max_batch)
+    expected = records.store_settings(config.dataset, config.train_split, teacher_hash, targets.settings(),
+                                      config.map_encoding)
+    if not os.path.exists(os.path.join(store_dir, records.MANIFEST)):
+        records.precompute_store(store_dir, targets, teacher_hash, config.dataset, config.train_split,
+                                 config.data_dir, examples_per_shard=config.examples_per_shard,
+                                 map_encoding=config.map_encoding, progress=progress)
+    return records.Store(store_dir, expected=expected)
+
+
+def stratified_indices(labels, fraction, seed):
+    """Sorted indices of a class-stratified random subset (the paper's Monte Carlo protocol)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen.append(rng.choice(members, size=max(1, int(round(fraction * len(members)))), replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def plain_training_dataset(ds, batch_size, seed=0, keep=None):
+    """(input, label, id) batches with the same crop/flip as the store pipeline, no targets."""
+    if keep is not None:
+        table = overlay.index_mask(keep, data.count_examples(ds))
+        ds = ds.enumerate().filter(lambda index, example: tf.gather(table, index)).map(lambda index, example: example)
+    ds = ds.cache().shuffle(50_000, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def augment(batch, batch_seed):
+        images, labels, ids = batch
+        inputs = overlay.crop_flip_batch(tf.cast(images, tf.float32) / 255.0, batch_seed)
+        return inputs, labels, ids
+    return tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE) \
+        .prefetch(tf.data.AUTOTUNE)
+
+
+def _subset_keep(config, store, raw_train):
+    if config.subset_fraction >= 1.0:
+        return None
+    if store is not None:
+        labels = store.read_all()["label"]
+    else:
+        labels = np.array([int(label) for _, label, _ in raw_train])
+    return stratified_indices(labels, config.subset_fraction, config.subset_seed)
+
+
+def _optimizer(config, steps_per_epoch):
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                               config.epochs * steps_per_epoch)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate, weight_decay=config.weight_decay or None)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+
+
+def evaluate_student(student, dataset, split, data_dir, batch_size=256):
+    raw, _ = data.load(dataset, split, data_dir)
+    ds = data.classification_dataset(raw, data.preprocess_student, batch_size, cache=False)
+    student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    results = student.evaluate(ds, verbose=0, return_dict=True)
+    return 100.0 * float(results["accuracy"]), data.count_examples(raw)
+
+
+def run_distillation(config, workdir, progress=True):
+    """Run one distillation end to end and return the results dict (also in results.json)."""
+    config.validate()
+    os.makedirs(workdir, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    alpha, p, gamma = config.effective()
+    _, info = data.load(config.dataset, config.val_split, config.data_dir)  # fail early on bad data
+    num_classes = data.num_classes(info)
+    started = time.time()
+
+    teacher = None
+    store = None
+    if config.uses_kd or config.uses_ig or config.uses_at:
+        teacher = load_teacher(config.teacher, num_classes)
+        if teacher.output_shape[-1] != num_classes:
+            raise InvalidArgumentError(f"teacher has {teacher.output_shape[-1]} classes, {config.dataset} "
+                                       f"has {num_classes}")
+    if config.uses_kd or config.uses_ig:
+        store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress)
+    raw_train = None if store is not None else data.load(config.dataset, config.train_split, config.data_dir)[0]
+    keep = _subset_keep(config, store, raw_train)
+
+    if store is not None:
+        train_ds = overlay.training_dataset(
+            store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
+            seed=config.seed, paper_mode=config.paper_overlay,
+            cached_targets_order=config.cached_targets_order, keep_indices=keep)
+        num_train = store.num_examples if keep is None else len(keep)
+    else:
+        train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep)
+        num_train = data.count_examples(raw_train) if keep is None else len(keep)
+    steps_per_epoch = -(-num_train // config.batch_size)
+    val_raw, _ = data.load(config.dataset, config.val_split, config.data_dir)
+    val_ds = data.classification_dataset(val_raw, data.preprocess_student, 256)
+
+    student = models.build_student(config.keep_blocks, num_classes=num_classes,
+                                   width_multiplier=config.width_multiplier)
+    at_loss = None
+    if gamma > 0:
+        at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)
+    model = distiller.Distiller(student, teacher if gamma > 0 else None,
+                                distiller.KDLoss(alpha, config.temperature), at_loss)
+    model.compile(optimizer=_optimizer(config, steps_per_epoch))
+    model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model
+    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
+                 keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True)]
+    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                        verbose=config.verbose if progress else 0)
+    train_seconds = time.time() - started
+
+    student_path = os.path.join(workdir, "student.h5")
+    with atomic_path(student_path) as tmp:
+        model.save_student(tmp)
+    val_accuracy, num_val = evaluate_student(student, config.dataset, config.val_split, config.data_dir)
+    results = {
+        "method": config.method, "seed": config.seed,
+        "val_accuracy": val_accuracy, "val_split": config.val_split, "num_val": num_val,
+        "effective": {"alpha": alpha, "p": p, "gamma": gamma},
+        "trainable_params": models.count_trainable_params(student),
+        "teacher_params": models.TEACHER_PARAMS,
+        "compression": models.TEACHER_PARAMS / models.count_trainable_params(student),
+        "num_train": num_train, "train_seconds": train_seconds,
+        "student_path": os.path.abspath(student_path),
+        "store": None if store is None else {"dir": os.path.abspath(store.store_dir),
+                                              "teacher_sha256": store.manifest["teacher_sha256"],
+                                              "ig": store.manifest["ig"]},
+        "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        "flags": dataclasses.asdict(config),
+    }
+    if config.eval_split:
+        results["eval_accuracy"], results["num_eval"] = evaluate_student(
+            student, config.dataset, config.eval_split, config.data_dir)
+        results["eval_split"] = config.eval_split
+    results["tflite"] = _export(student, config, workdir, val_raw, info)
+    atomic_write_json(os.path.join(workdir, RESULTS), results)
+    return results
+
+
+def _export(student, config, workdir, val_raw, info, check_images=512):
+    """Convert to every requested mode and check each file against the Keras student."""
+    if not config.modes():
+        return {}
+    from kdig_tf import export
+
+    images, labels = [], []
+    for image, label, _ in val_raw.take(check_images):
+        images.append(data.preprocess_student(image).numpy())
+        labels.append(int(label))
+    images = np.stack(images)
+    representative = None
+    if "int8" in config.modes():  # calibrate on training images, check on validation ones
+        train_raw, _ = data.load(config.dataset, config.train_split, config.data_dir)
+        representative = export.representative_from_split(train_raw, data.preprocess_student, n=256)
+    exported = {}
+    for mode in config.modes():
+        path = os.path.join(workdir, f"student_{mode}.tflite")
+        export.convert(student, path, mode, representative_images=representative if mode == "int8" else None,
+                       input_kind="unit", labels=data.class_names(info))
+        exported[mode] = {"path": os.path.abspath(path), **export.check_export(student, path, images, labels)}
+    return exported

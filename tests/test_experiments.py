@@ -1,0 +1,302 @@
+import kdig_tf  # noqa: F401
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from scipy import stats as scipy_stats
+
+from kdig_tf import experiments
+from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
+                            UnknownKeyError)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_command(command):
+    return dict(arg[2:].partition("=")[::2] for arg in command[2:])
+
+
+class FakeDistill:
+    """Stands in for distill.py: writes results.json with accuracy ``score(flags)``; counts calls."""
+
+    def __init__(self, score, fail=()):
+        self.score, self.fail, self.calls = score, set(fail), []
+
+    def __call__(self, command, log_path):
+        flags = parse_command(command)
+        self.calls.append(flags)
+        with open(log_path, "a") as log:
+            log.write("fake distill\n")
+        key = os.path.relpath(flags["workdir"], os.path.dirname(os.path.dirname(flags["workdir"])))
+        if key in self.fail:
+            return 1
+        keep = int(flags.get("keep_blocks", 14))
+        results = {"val_accuracy": self.score(flags), "val_split": flags.get("val_split", "train[45000:]"),
+                   "method": flags["method"], "seed": int(flags["seed"]), "trainable_params": 1000 * keep,
+                   "compression": 2_236_682 / (1000 * keep), "train_seconds": 1.0, "flags": flags,
+                   "student_path": os.path.join(flags["workdir"], "student.h5")}
+        with open(os.path.join(flags["workdir"], "results.json"), "w") as handle:
+            json.dump(results, handle)
+        return 0
+
+
+def quiet(_message):
+    pass
+
+
+def make_flagfile(tmp_path, text="--epochs=3\n--alpha=0.3\n"):
+    path = tmp_path / "base.cfg"
+    path.write_text("# base\n" + text)
+    return str(path)
+
+
+def test_runner_skips_finished_runs_and_retries_failed_ones(tmp_path):
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["student", "kd"], [0, 1])
+    assert [run.name for run in runs] == ["student/seed0", "kd/seed0", "student/seed1", "kd/seed1"]
+    fake = FakeDistill(lambda flags: 90.0, fail={"kd/seed1"})
+    rows = experiments.run_campaign(runs, launcher=fake, log=quiet)
+    assert len(fake.calls) == 4
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed"]
+    assert rows[3]["returncode"] == 1 and rows[3]["val_accuracy"] is None
+    assert os.path.isfile(os.path.join(runs[0].workdir, "log.txt"))
+
+    messages = []
+    fake.fail.clear()
+    rows = experiments.run_campaign(runs, launcher=fake, log=messages.append)
+    assert [call["workdir"] for call in fake.calls[4:]] == [os.path.abspath(runs[3].workdir)]
+    assert [row["status"] for row in rows] == ["skipped", "skipped", "skipped", "ok"]
+    assert sum("] skip " in message for message in messages) == 3
+
+    rows = experiments.run_campaign(runs, launcher=fake, log=quiet)
+    assert len(fake.calls) == 5  # nothing left to launch
+    assert all(row["status"] == "skipped" and row["val_accuracy"] == 90.0 for row in rows)
+
+
+def test_command_layout(tmp_path):
+    flagfile = make_flagfile(tmp_path)
+    runs = experiments.seed_runs(str(tmp_path), ["kd_ig_shuffled"], [3], subset_fraction=0.8,
+                                 common={"epochs": 2})
+    command = experiments.build_command(runs[0], flagfile, script="distill.py", python="python")
+    assert command == ["python", "distill.py", f"--flagfile={flagfile}",
+                       f"--workdir={os.path.abspath(runs[0].workdir)}", "--epochs=2", "--method=kd_ig",
+                       "--cached_targets_order=shuffled", "--seed=3", "--subset_fraction=0.8", "--subset_seed=3"]
+    assert runs[0].workdir == os.path.join(str(tmp_path), "kd_ig_shuffled", "seed3")
+
+
+def test_finished_run_with_other_flags_is_stale(tmp_path):
+    flagfile = make_flagfile(tmp_path)
+    fake = FakeDistill(lambda flags: 90.0)
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["kd"], [0], common={"epochs": 2})
+    experiments.run_campaign(runs, flagfile, launcher=fake, log=quiet)
+    changed = experiments.seed_runs(str(tmp_path / "runs"), ["kd"], [0], common={"epochs": 3})
+    with pytest.raises(StaleRunError, match="epochs"):
+        experiments.run_campaign(changed, flagfile, launcher=fake, log=quiet)
+    with open(flagfile, "a") as handle:
+        handle.write("--batch_size=7\n")
+    with pytest.raises(StaleRunError, match="base flagfile"):
+        experiments.run_campaign(runs, flagfile, launcher=fake, log=quiet)
+    assert len(fake.calls) == 1
+
+
+@pytest.mark.parametrize("split", ["test", "test[:50%]", " TEST ", "train[:10]+test", "test[10%:]"])
+def test_split_guard_refuses_test(split):
+    with pytest.raises(TestSplitSelectionError):
+        experiments.check_selection_split(split)
+    assert experiments.check_selection_split(split, final_report=True) == split
+
+
+@pytest.mark.parametrize("split", ["train[45000:]", "validation", "train", "", "contest"])
+def test_split_guard_accepts_other_splits(split):
+    assert experiments.check_selection_split(split) == split
+
+
+def test_hparam_search_refuses_test_splits(tmp_path):
+    fake = FakeDistill(lambda flags: 90.0)
+    space = {"alpha": experiments.parse_search_values("alpha", "0.1,0.5")}
+    with pytest.raises(TestSplitSelectionError):
+        experiments.run_hparam_search(str(tmp_path / "a"), None, space, val_split="test[:50%]",
+                                      launcher=fake, log=quiet)
+    # A test split hidden in the base flagfile is refused too.
+    flagfile = make_flagfile(tmp_path, "--eval_split=test\n")
+    with pytest.raises(TestSplitSelectionError):
+        experiments.run_hparam_search(str(tmp_path / "b"), flagfile, space, launcher=fake, log=quiet)
+    assert fake.calls == []
+
+
+def test_hparam_script_refuses_test_split(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "hparam_search.py"), "--val_split=test",
+         f"--output_dir={tmp_path}", "--flagfile_base="],
+        capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "error: TestSplitSelectionError" in completed.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_grid_search_ranks_on_validation_and_writes_best_flagfile(tmp_path):
+    flagfile = make_flagfile(tmp_path, "--epochs=3\n--alpha=0.3\n--temperature=1\n")
+    space = {"alpha": experiments.parse_search_values("alpha", "0.1,0.5"),
+             "temperature": experiments.parse_search_values("temperature", "2,4")}
+    # Best at alpha 0.5, T 2.
+    fake = FakeDistill(lambda f: 90.0 + 10 * float(f["alpha"]) - float(f["temperature"]))
+    out = str(tmp_path / "search")
+    report = experiments.run_hparam_search(out, flagfile, space, method="kd", launcher=fake, log=quiet)
+    assert len(fake.calls) == 4
+    assert all(call["val_split"] == "train[45000:]" and call["method"] == "kd" for call in fake.calls)
+    assert [t["params"] for t in report["trials"]][:2] == [{"alpha": 0.5, "temperature": 2.0},
+                                                           {"alpha": 0.5, "temperature": 4.0}]
+    assert report["best"]["mean"] == pytest.approx(93.0)
+    best = experiments.read_flagfile(os.path.join(out, "best.cfg"))
+    assert best["epochs"] == "3" and best["method"] == "kd"
+    assert float(best["alpha"]) == 0.5 and float(best["temperature"]) == 2.0
+    assert "workdir" not in best and "seed" not in best
+    assert os.path.isfile(os.path.join(out, "trials.md")) and os.path.isfile(os.path.join(out, "runs.csv"))
+
+
+def test_search_spaces():
+    space = {"alpha": experiments.parse_search_values("alpha", "0.01:0.9"),
+             "temperature": experiments.parse_search_values("temperature", "1:20:log"),
+             "p": experiments.parse_search_values("p", "0.2,0.8")}
+    trials = experiments.random_trials(space, 25, seed=3)
+    assert trials == experiments.random_trials(space, 25, seed=3)
+    assert all(0.01 <= t["alpha"] <= 0.9 and 1 <= t["temperature"] <= 20 and t["p"] in (0.2, 0.8)
+               for t in trials)
+    with pytest.raises(InvalidArgumentError):
+        experiments.grid_trials(space)
+    assert len(experiments.grid_trials({"alpha": ("choice", [0.1, 0.2]), "p": ("choice", [0.5, 0.6, 0.7])})) == 6
+    for flag, text in [("alpha", "1.5"), ("temperature", "0"), ("alpha", "0.5:0.1"), ("p", "a,b"), ("p", "0:1:log")]:
+        with pytest.raises(InvalidArgumentError):
+            experiments.parse_search_values(flag, text)
+
+
+def test_arms_and_extra_flags():
+    assert experiments.parse_arm("kd_ig_shuffled") == {"method": "kd_ig", "cached_targets_order": "shuffled"}
+    with pytest.raises(UnknownKeyError):
+        experiments.parse_arm("kd_igg")
+    for arm in ("student_shuffled", "at_shuffled"):
+        with pytest.raises(InvalidArgumentError):
+            experiments.parse_arm(arm)
+    assert experiments.parse_extra_flags("--epochs=5 --export_modes='' --nofoo") == {
+        "epochs": "5", "export_modes": "", "nofoo": None}
+    with pytest.raises(InvalidArgumentError):
+        experiments.parse_extra_flags("--seed=3")
+    assert experiments.resolve_seeds([], 3) == [0, 1, 2]
+    assert experiments.resolve_seeds(["4", "2"], 3) == [4, 2]
+
+
+ACCURACIES = {"student": [90.0, 91.0, 92.0], "kd": [92.0, 93.0, 94.5], "kd_ig": [93.0, 94.0, 93.5],
+              "kd_ig_shuffled": [91.0, 92.5, 92.0]}
+
+
+def by_arm(flags):
+    arm = flags["method"] + ("_shuffled" if flags.get("cached_targets_order") == "shuffled" else "")
+    return ACCURACIES[arm][int(flags["seed"])]
+
+
+def test_ablation_summary_and_plot(tmp_path):
+    out = str(tmp_path / "ablation")
+    fake = FakeDistill(by_arm)
+    summary = experiments.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
+                                       subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
+    assert len(fake.calls) == 12
+    assert {call["subset_seed"] for call in fake.calls} == {"0", "1", "2"}
+    assert {call["store_dir"] for call in fake.calls} == {os.path.abspath(os.path.join(out, "store"))}
+    with open(os.path.join(out, "summary.json")) as handle:
+        assert json.load(handle) == summary
+    student, kd = summary["arms"]["student"], summary["arms"]["kd"]
+    assert (student["n"], student["mean"], student["sd"], student["min"], student["max"]) == (3, 91.0, 1.0, 90.0, 92.0)
+    assert "vs_reference" not in student
+    reference = scipy_stats.ttest_ind(ACCURACIES["kd"], ACCURACIES["student"], equal_var=False)
+    assert kd["vs_reference"]["t"] == pytest.approx(reference.statistic)
+    assert kd["vs_reference"]["p"] == pytest.approx(reference.pvalue)
+    assert kd["vs_reference"]["mean_diff"] == pytest.approx(93.1666667 - 91.0)
+    assert kd["vs_reference"]["p_holm"] >= kd["vs_reference"]["p"]
+    shuffled = summary["arms"]["kd_ig_shuffled"]
+    assert shuffled["vs_aligned"]["arm"] == "kd_ig" and shuffled["vs_aligned"]["mean_diff"] < 0
+    assert all("--cached_targets_order=shuffled" in command for command in shuffled["commands"])
+    assert len(shuffled["commands"]) == 3
+    for name in ("runs.csv", "runs.json", "summary.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    with open(os.path.join(out, "ablation.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "runs.csv")) as handle:
+        assert len(handle.read().strip().splitlines()) == 13
+    markdown = open(os.path.join(out, "summary.md")).read()
+    assert "| kd | 3 | 93.17 ± 1.26 |" in markdown and "Misalignment control" in markdown
+
+    # Rerunning launches nothing and reproduces the summary.
+    again = experiments.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
+                                     subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
+    assert len(fake.calls) == 12 and again["arms"] == summary["arms"]
+
+
+def test_ablation_refuses_test_split_unless_final_report(tmp_path):
+    fake = FakeDistill(by_arm)
+    with pytest.raises(TestSplitSelectionError):
+        experiments.run_ablation(str(tmp_path / "a"), None, ["student", "kd"], [0],
+                                 extra_flags="--eval_split=test", launcher=fake, log=quiet)
+    assert fake.calls == []
+    summary = experiments.run_ablation(str(tmp_path / "b"), None, ["student", "kd"], [0, 1],
+                                       extra_flags="--eval_split=test", final_report=True, launcher=fake, log=quiet)
+    assert summary["final_report"] and summary["splits"]["eval_split"] == "test"
+
+
+def test_compression_sweep_with_fake_latency(tmp_path):
+    out = str(tmp_path / "sweep")
+    fake = FakeDistill(lambda f: 80.0 + int(f["keep_blocks"]) + (1.0 if f["method"] == "kd" else 0.0)
+                       + int(f["seed"]) * 0.5)
+    measured = []
+
+    def latency_fn(results, workdir, tflite_dir, keep, warmup_runs, num_runs):
+        measured.append(keep)
+        return {"inference_median_ms": 0.1 * keep, "inference_avg_ms": 0.11 * keep}
+
+    report = experiments.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
+                                               latency_fn=latency_fn, launcher=fake, log=quiet)
+    assert len(fake.calls) == 8 and sorted(measured) == [4, 14]
+    assert {call["keep_blocks"] for call in fake.calls} == {"14", "4"}
+    point = next(p for p in report["points"] if p["keep_blocks"] == 4 and p["arm"] == "kd")
+    assert point["mean"] == pytest.approx(85.25) and point["latency_ms"] == pytest.approx(0.4)
+    assert point["trainable_params"] == 4000 and point["vs_reference"]["mean_diff"] == pytest.approx(1.0)
+    assert os.path.isfile(os.path.join(out, "sweep.png")) and os.path.isfile(os.path.join(out, "sweep.md"))
+    experiments.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
+                                      latency_fn=latency_fn, launcher=fake, log=quiet)
+    assert len(fake.calls) == 8 and len(measured) == 2  # runs and latencies are cached
+
+
+FAKE_DISTILL_SCRIPT = '''
+import json, os, sys
+flags = dict(a[2:].partition("=")[::2] for a in sys.argv[1:])
+print("training", flags["method"], flags["seed"])
+acc = 90.0 + int(flags["seed"]) + (2.0 if flags["method"] == "kd" else 0.0)
+with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
+    json.dump({"val_accuracy": acc, "method": flags["method"], "seed": int(flags["seed"])}, f)
+'''
+
+
+def test_ablation_script_end_to_end_with_a_fake_distill(tmp_path):
+    script = tmp_path / "fake_distill.py"
+    script.write_text(FAKE_DISTILL_SCRIPT)
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "ablation.py"), f"--distill_script={script}",
+         "--flagfile_base=", "--methods=student,kd", "--seeds=0,1", f"--output_dir={out}"],
+        capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms"]["kd"]["mean"] == 92.5 and summary["arms"]["student"]["mean"] == 90.5
+    assert "training kd 1" in (out / "runs" / "kd" / "seed1" / "log.txt").read_text()
+
+
+def test_find_fp32_tflite(tmp_path):
+    exported = tmp_path / "student_fp32.tflite"
+    exported.write_bytes(b"x")
+    (tmp_path / "student_int8.tflite").write_bytes(b"x")
+    results = {"tflite": {"fp32": {"path": str(exported)}, "int8": {"path": str(tmp_path / "student_int8.tflite")}}}
+    assert experiments.find_fp32_tflite(results, str(tmp_path)) == str(exported)
+    assert experiments.find_fp32_tflite({}, str(tmp_path)) == str(exported)  # found by name
+    exported.unlink()
+    assert experiments.find_fp32_tflite(results, str(tmp_path)) is None
