@@ -182,7 +182,7 @@ class TeacherTargets:
 
 def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10", split="train",
                      data_dir=None, examples_per_shard=2500, batch_size=64, shard_index=0, num_workers=1,
-                     map_encoding="float16", limit=None, progress=True):
+                     map_encoding="float16", progress=True):
     """Write the shards this worker owns, skipping finished ones. Returns the settings dict.
 
     With ``num_workers == 1`` the manifest is finalised at the end; otherwise run
@@ -192,9 +192,7 @@ def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10"
         raise InvalidArgumentError("examples_per_shard and batch_size must be >= 1")
     if not 0 <= shard_index < num_workers:
         raise InvalidArgumentError(f"shard_index must be in [0, {num_workers}), got {shard_index}")
-    ds, info = data.load(dataset, split, data_dir)
-    if limit:
-        ds = ds.take(limit)
+    ds, _ = data.load(dataset, split, data_dir)  # a subset is a split slice, e.g. train[:2000]
     total = data.count_examples(ds)
     if total == 0:
         raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")

@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import tensorflow_datasets as tfds
 
-from kdig_tf import models
+from kdig_tf import models, pipeline
+from kdig_tf.errors import InvalidArgumentError, KdigError, NotAModelError, UnknownKeyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_RUNNER = """
@@ -62,31 +64,40 @@ def test_smoke_flagfile_produces_every_output(tmp_path, teachers):
     assert not os.path.exists(other / "results.json")
 
 
-@pytest.mark.parametrize("flags, error", [
-    (["--alpha=1.5"], "InvalidArgumentError"),
-    (["--temperature=0"], "InvalidArgumentError"),
-    (["--p=-0.2"], "InvalidArgumentError"),
-    (["--method=distill_harder"], "UnknownKeyError"),
-])
-def test_bad_hyper_parameters_exit_2_before_writing(tmp_path, teachers, flags, error):
+def test_bad_flag_exits_2_with_one_line_and_writes_nothing(tmp_path, teachers):
     workdir = tmp_path / "run"
-    result = _distill(tmp_path, f"--teacher={teachers['a']}", f"--workdir={workdir}", *flags)
+    result = _distill(tmp_path, f"--teacher={teachers['a']}", f"--workdir={workdir}", "--alpha=1.5")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {error}:")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")
     assert not os.path.exists(workdir)
 
 
-@pytest.mark.parametrize("teacher, error", [
-    ("empty", "NotAModelError"),
-    ("missing", "TeacherNotFoundError"),
-    ("five_classes", "Error"),
+@pytest.mark.parametrize("overrides, error", [
+    (dict(alpha=1.5), InvalidArgumentError),
+    (dict(alpha=-0.1), InvalidArgumentError),
+    (dict(temperature=0.0), InvalidArgumentError),
+    (dict(p=-0.2), InvalidArgumentError),
+    (dict(p=1.2), InvalidArgumentError),
+    (dict(method="distill_harder"), UnknownKeyError),
+    (dict(export_modes="fp64"), UnknownKeyError),
 ])
-def test_bad_teachers_exit_2(tmp_path, teachers, teacher, error):
+def test_bad_settings_are_refused_before_writing(tmp_path, overrides, error):
+    with pytest.raises(error):
+        pipeline.run_distillation(pipeline.DistillConfig(**overrides), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("teacher, error", [
+    ("empty", NotAModelError),
+    ("missing", pipeline.TeacherNotFoundError),
+    ("five_classes", KdigError),
+])
+def test_bad_teachers_are_refused(tmp_path, teachers, teacher, error):
     path = teachers.get(teacher, str(tmp_path / "no_such_teacher.h5"))
-    result = _distill(tmp_path, f"--teacher={path}", f"--workdir={tmp_path / 'run'}")
-    assert result.returncode == 2, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and error in last
+    config = pipeline.DistillConfig(teacher=path, train_split="train", val_split="train", keep_blocks=2)
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(error) as caught:
+            pipeline.run_distillation(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "results.json")
     if teacher == "missing":
-        assert "train_teacher.py" in last
+        assert "train_teacher.py" in str(caught.value)

@@ -1,0 +1,70 @@
+"""Precompute the teacher's IG maps and logits for a split into a validated TFRecord store.
+
+    python scripts/precompute_ig.py --teacher=pretrained/teacher.h5 --split='train[:45000]' \
+        --output_dir=runs/store --data_dir=../shared/tensorflow_datasets
+
+Resumable: finished shards are kept and never recomputed. To scale out, start one process
+per worker with --shard_index=i --num_workers=n (same flags otherwise), then run once
+with --merge to write the manifest.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kdig_tf  # noqa: E402,F401
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("teacher", "pretrained/teacher.h5", "Teacher weights (.h5/.keras model, or a .pt state dict).")
+flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+flags.DEFINE_string("split", "train[:45000]", "Split to precompute.")
+flags.DEFINE_string("data_dir", None, "tfds data_dir (default: $TFDS_DATA_DIR).")
+flags.DEFINE_string("output_dir", "runs/store", "Store directory.")
+flags.DEFINE_integer("steps", 50, "IG quadrature steps.")
+flags.DEFINE_string("method", "gausslegendre", "gausslegendre | riemann_left | riemann_right | riemann_middle | "
+                    "riemann_trapezoid.")
+flags.DEFINE_string("baseline", "zeros", "zeros (in the teacher's normalised space) | black | blur | uniform.")
+flags.DEFINE_integer("max_batch", 256, "Path points per gradient batch (memory bound).")
+flags.DEFINE_integer("batch_size", 64, "Images per IG call.")
+flags.DEFINE_integer("examples_per_shard", 2500, "Records per shard (the unit of resume).")
+flags.DEFINE_string("map_encoding", "float16", "float16, or uint8 with a per-map scale.")
+flags.DEFINE_integer("shard_index", 0, "This worker's index in [0, num_workers).")
+flags.DEFINE_integer("num_workers", 1, "Number of workers splitting the shards.")
+flags.DEFINE_bool("merge", False, "Only merge finished shards into manifest.json.")
+
+
+def main(argv):
+    del argv
+    from kdig_tf import cli
+    cli.run(_run)
+
+
+def _run():
+    import time
+
+    from kdig_tf import records
+    from kdig_tf.pipeline import load_teacher
+
+    if FLAGS.merge:
+        manifest = records.finalize_store(FLAGS.output_dir)
+        records.Store(FLAGS.output_dir)
+        print(f"merged {len(manifest['shards'])} shards, {manifest['num_examples']} examples -> "
+              f"{os.path.join(FLAGS.output_dir, records.MANIFEST)}")
+        return
+    teacher = load_teacher(FLAGS.teacher)
+    targets = records.TeacherTargets(teacher, steps=FLAGS.steps, method=FLAGS.method, baseline=FLAGS.baseline,
+                                     max_batch=FLAGS.max_batch)
+    start = time.time()
+    settings = records.precompute_store(
+        FLAGS.output_dir, targets, records.weights_fingerprint(teacher), FLAGS.dataset, FLAGS.split,
+        FLAGS.data_dir, examples_per_shard=FLAGS.examples_per_shard, batch_size=FLAGS.batch_size,
+        shard_index=FLAGS.shard_index, num_workers=FLAGS.num_workers, map_encoding=FLAGS.map_encoding)
+    seconds = time.time() - start
+    done = "manifest written" if FLAGS.num_workers == 1 else "run --merge once every worker has finished"
+    print(f"{settings['num_examples']} examples of {FLAGS.split} in {seconds:.0f}s "
+          f"(this worker: {FLAGS.shard_index}/{FLAGS.num_workers}); {done}")
+
+
+if __name__ == "__main__":
+    app.run(main)
