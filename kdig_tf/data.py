@@ -114,29 +114,22 @@ def preprocess_student(image):
     return to_unit_range(image)
 
 
-def random_crop_flip(image, pad=4, seed=None, extra=None):
-    """Zero-pad by ``pad``, random crop back to size, random horizontal flip.
+def random_crop_flip(image, pad=4, seed=None):
+    """Zero-pad by ``pad``, random crop back to size, random horizontal flip, one image.
 
-    ``extra`` is an optional [H,W,k] tensor (e.g. an IG map) cropped and flipped with
-    exactly the same offsets, so that a map stays aligned with its image. ``seed`` is a
-    stateless seed of shape [2]; without it stateful ops are used.
+    ``seed`` is a stateless seed of shape [2]; without it one is drawn from the global
+    generator. (Maps travel with their images in ``kdig_tf.overlay.crop_flip_batch``.)
     """
     shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    stacked = image if extra is None else tf.concat([image, tf.cast(extra, image.dtype)], axis=-1)
-    padded = tf.pad(stacked, [[pad, pad], [pad, pad], [0, 0]])
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
     top = tf.random.stateless_uniform([], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
-    cropped = padded[top:top + height, left:left + width, :]
+    cropped = padded[top:top + shape[0], left:left + shape[1], :]
     flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
-    cropped = tf.cond(flip, lambda: tf.reverse(cropped, axis=[1]), lambda: cropped)
-    if extra is None:
-        return cropped
-    channels = shape[2]
-    return cropped[..., :channels], tf.cast(cropped[..., channels:], extra.dtype)
+    return tf.cond(flip, lambda: tf.reverse(cropped, axis=[1]), lambda: cropped)
 
 
 def classification_dataset(ds, preprocess, batch_size, training=False, shuffle_buffer=50_000,

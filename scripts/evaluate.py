@@ -1,0 +1,205 @@
+"""Top-1 accuracy of a model file on a tfds split.
+
+    python scripts/evaluate.py --weights=student.pt --split=train --data_dir=../shared/tensorflow_datasets
+
+``--weights`` may be a PyTorch state dict (.pt), a full tf-keras model (.h5/.keras), a
+weights-only file (*.weights.h5, with --arch/--keep_blocks) or a TFLite model (.tflite,
+int8 or float). The teacher gets mean/std-normalised inputs, students raw [0, 1].
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kdig_tf  # noqa: E402,F401
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    # Defined only when run as a script, so tests can import evaluate() without global flags.
+    flags.DEFINE_string("weights", "runs/teacher/teacher.h5",
+                        "Model file: .pt, .h5/.keras (full model), *.weights.h5 or .tflite.")
+    flags.DEFINE_enum("arch", None, ["teacher", "student"],
+                      "Architecture; inferred for .pt, full Keras models and kdig_tf TFLite files.")
+    flags.DEFINE_integer("keep_blocks", None, "Student depth, for weights-only files.")
+    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
+    flags.DEFINE_string("split", "train[45000:]", "tfds split to evaluate on.")
+    flags.DEFINE_string("data_dir", None, "tfds data_dir (default: $TFDS_DATA_DIR).")
+    flags.DEFINE_integer("batch_size", 256, "Batch size (Keras models).")
+    flags.DEFINE_integer("limit", 0, "If > 0, evaluate only the first this many examples.")
+    flags.DEFINE_string("output_json", None, "Where to write the result as JSON (optional).")
+
+
+def main(argv):
+    del argv
+    from kdig_tf import cli
+    cli.run(run_evaluation, FLAGS.weights, arch=FLAGS.arch, keep_blocks=FLAGS.keep_blocks,
+            dataset=FLAGS.dataset, split=FLAGS.split, data_dir=FLAGS.data_dir,
+            batch_size=FLAGS.batch_size, limit=FLAGS.limit, output_json=FLAGS.output_json)
+
+
+def evaluate(predict, ds, preprocess, batch_size, total=None, progress=True):
+    """Return (num_correct, num_examples) of ``predict`` on a (image, label, id) dataset.
+
+    ``predict`` maps a float batch [N,H,W,C] to logits or probabilities [N, classes].
+    """
+    import numpy as np
+    import tensorflow as tf
+    from tqdm import tqdm
+
+    from kdig_tf.errors import ShapeMismatchError
+
+    batches = (ds.map(lambda image, label, _id: (preprocess(image), label),
+                      num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    correct = count = 0
+    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        for inputs, labels in batches:
+            scores = np.asarray(predict(inputs))
+            labels = labels.numpy()
+            if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+                raise ShapeMismatchError(
+                    f"model output has shape {scores.shape}, expected ({labels.shape[0]}, classes)")
+            correct += int(np.sum(np.argmax(scores, axis=-1) == labels))
+            count += int(labels.shape[0])
+            bar.update(int(labels.shape[0]))
+    return correct, count
+
+
+def keras_predictor(model):
+    """Inference-mode forward pass, compiled once."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+    return tf.function(lambda inputs: model(inputs, training=False), input_signature=signature)
+
+
+class TFLitePredictor:
+    """Runs a .tflite classifier one image at a time, (de)quantising int8/uint8 tensors."""
+
+    def __init__(self, path):
+        from ai_edge_litert.interpreter import Interpreter
+
+        from kdig_tf.errors import NotAModelError
+
+        try:
+            self.interpreter = Interpreter(model_path=path)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise NotAModelError(f"{path} is not a readable TFLite model: {reason}") from err
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise NotAModelError(f"{path} must have one input and one output, "
+                                 f"has {len(inputs)} and {len(outputs)}")
+        self.input, self.output = inputs[0], outputs[0]
+        self.num_classes = int(self.output["shape"][-1])
+        self.names = [tensor["name"] for tensor in self.interpreter.get_tensor_details()]
+
+    def __call__(self, batch):
+        import numpy as np
+
+        from kdig_tf.errors import ShapeMismatchError
+
+        batch = np.asarray(batch, dtype=np.float32)
+        if tuple(batch.shape[1:]) != tuple(self.input["shape"][1:]):
+            raise ShapeMismatchError(
+                f"TFLite model expects images of shape {tuple(self.input['shape'][1:])}, "
+                f"got {tuple(batch.shape[1:])}")
+        scores = []
+        for image in batch:
+            self.interpreter.set_tensor(self.input["index"], _quantize(image[None], self.input))
+            self.interpreter.invoke()
+            scores.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)[0])
+        return np.stack(scores)
+
+
+def _quantize(values, detail):
+    import numpy as np
+
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if not np.issubdtype(dtype, np.integer):
+        return values.astype(dtype)
+    if scale == 0:  # integer input without quantisation parameters: feed as is
+        return np.clip(np.round(values), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    quantized = np.round(values / scale + zero_point)
+    return np.clip(quantized, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+
+def _dequantize(values, detail):
+    import numpy as np
+
+    scale, zero_point = detail["quantization"]
+    if np.issubdtype(values.dtype, np.integer) and scale != 0:
+        return (values.astype(np.float32) - zero_point) * scale
+    return values.astype(np.float32)
+
+
+def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
+                   data_dir=None, batch_size=256, limit=0, output_json=None, progress=True):
+    """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
+    import time
+
+    from kdig_tf import data, loading
+    from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
+    from kdig_tf.io_utils import atomic_write_json, sha256_file
+
+    if batch_size < 1 or limit < 0:
+        raise InvalidArgumentError("batch_size must be >= 1 and limit >= 0")
+    loading.check_model_file(weights)
+    if weights.lower().endswith(".tflite"):
+        predictor = TFLitePredictor(weights)
+        found_arch, found_keep = loading.describe_names(predictor.names)
+        num_outputs = predictor.num_classes
+    else:
+        # num_classes=None: a weights-only file gives its own classifier size.
+        model = loading.load_model(weights, arch=arch, keep_blocks=keep_blocks, num_classes=None)
+        predictor = keras_predictor(model)
+        found_arch, found_keep = loading.describe_model(model)
+        num_outputs = int(model.output_shape[-1])
+    arch = arch or found_arch
+    if arch == "student" and keep_blocks is None:
+        keep_blocks = found_keep
+    kind = loading.input_kind(arch)
+
+    ds, info = data.load(dataset, split, data_dir)
+    if num_outputs != data.num_classes(info):
+        raise ShapeMismatchError(
+            f"{weights} predicts {num_outputs} classes but {dataset} has {data.num_classes(info)}")
+    if limit:
+        ds = ds.take(limit)
+    total = data.count_examples(ds)
+
+    start = time.time()
+    correct, count = evaluate(predictor, ds, loading.preprocess_for(kind), batch_size, total=total,
+                              progress=progress)
+    seconds = time.time() - start
+    if count == 0:
+        raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")
+    result = {
+        "accuracy": 100.0 * correct / count,
+        "num_correct": correct,
+        "num_examples": count,
+        "dataset": dataset,
+        "split": split,
+        "weights": os.path.abspath(weights),
+        "weights_sha256": sha256_file(weights),
+        "arch": arch,
+        "keep_blocks": keep_blocks if arch == "student" else None,
+        "input_kind": kind,
+        "seconds": round(seconds, 2),
+    }
+    if output_json:
+        atomic_write_json(output_json, result)
+    depth = f" keep_blocks={keep_blocks}" if arch == "student" else ""
+    print(f"{os.path.basename(weights)}: accuracy={result['accuracy']:.2f}% ({correct}/{count}) "
+          f"on {dataset} {split} [{arch}{depth}] in {seconds:.1f}s")
+    return result
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
