@@ -38,6 +38,8 @@ flags.DEFINE_float("width_multiplier", 1.0, "Width multiplier of the teacher.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 1 = progress bar, 2 = one line per epoch.")
 flags.DEFINE_integer("limit_train", 0, "If > 0, use only this many training images (smoke tests).")
+flags.DEFINE_bool("export_only", False, "Do not train: export the best checkpoint so far as teacher.h5 "
+                  "(e.g. an interim teacher while a long run continues).")
 
 
 def main(argv):
@@ -54,7 +56,8 @@ def _train():
     import tf_keras as keras
 
     from kdig_tf import data, models
-    from kdig_tf.errors import InvalidArgumentError
+    from kdig_tf.errors import InvalidArgumentError, NotAModelError
+    from kdig_tf.io_utils import atomic_path, atomic_write_json
 
     if FLAGS.epochs < 1 or FLAGS.batch_size < 1:
         raise InvalidArgumentError("epochs and batch_size must be >= 1")
@@ -97,23 +100,32 @@ def _train():
     train_ds, val_ds = train_ds.map(one_hot), val_ds.map(one_hot)
 
     best_path = os.path.join(FLAGS.workdir, "best.weights.h5")
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(FLAGS.workdir, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            best_path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True),
-        keras.callbacks.TensorBoard(os.path.join(FLAGS.workdir, "tensorboard")),
-        keras.callbacks.CSVLogger(os.path.join(FLAGS.workdir, "history.csv"), append=True),
-    ]
+    history_path = os.path.join(FLAGS.workdir, "history.csv")
+    epochs_done = _finished_epochs(history_path)
     start = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=FLAGS.epochs, callbacks=callbacks,
-              verbose=FLAGS.verbose)
+    if not FLAGS.export_only:
+        callbacks = [
+            keras.callbacks.BackupAndRestore(os.path.join(FLAGS.workdir, "backup")),
+            # After a restart, only an epoch better than every earlier one may replace best.weights.h5.
+            keras.callbacks.ModelCheckpoint(
+                best_path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True,
+                initial_value_threshold=max((row["val_accuracy"] for row in epochs_done), default=None)),
+            keras.callbacks.TensorBoard(os.path.join(FLAGS.workdir, "tensorboard")),
+            keras.callbacks.CSVLogger(history_path, append=True),
+        ]
+        model.fit(train_ds, validation_data=val_ds, epochs=FLAGS.epochs, callbacks=callbacks,
+                  verbose=FLAGS.verbose)
+        epochs_done = _finished_epochs(history_path)
+    if not os.path.exists(best_path):
+        raise NotAModelError(f"no checkpoint at {best_path}: train first")
     model.load_weights(best_path)
     _, val_accuracy = model.evaluate(val_ds, verbose=0)
     final_path = os.path.join(FLAGS.workdir, "teacher.h5")
-    tmp_path = final_path + ".tmp.h5"
-    model.save(tmp_path, include_optimizer=False)
-    os.replace(tmp_path, final_path)
+    with atomic_path(final_path) as tmp_path:
+        model.save(tmp_path, include_optimizer=False)
     summary = {
+        "epochs_finished": len(epochs_done),
+        "epochs_planned": FLAGS.epochs,
         "val_accuracy": 100.0 * float(val_accuracy),
         "val_split": FLAGS.val_split,
         "train_split": FLAGS.train_split,
@@ -122,9 +134,18 @@ def _train():
         "train_seconds_this_process": time.time() - start,
         "flags": {name: FLAGS[name].value for name in _OWN_FLAGS},
     }
-    from kdig_tf.io_utils import atomic_write_json
     atomic_write_json(os.path.join(FLAGS.workdir, "teacher.json"), summary)
     print(f"teacher: val_accuracy={summary['val_accuracy']:.2f}% on {FLAGS.val_split} -> {final_path}")
+
+
+def _finished_epochs(history_path):
+    """Rows of the CSV log (one per finished epoch, across restarts)."""
+    import csv
+
+    if not os.path.exists(history_path):
+        return []
+    with open(history_path) as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 _OWN_FLAGS = ("workdir", "dataset", "data_dir", "train_split", "val_split", "epochs", "batch_size",
