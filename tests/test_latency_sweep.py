@@ -1,0 +1,207 @@
+import kdig_tf  # noqa: F401
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdig_tf import experiments, pareto
+from kdig_tf.errors import InvalidArgumentError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def point(name, latency, accuracy, **extra):
+    return dict(name=name, latency_median_ms=latency, accuracy=accuracy, **extra)
+
+
+def names(rows):
+    return [row["name"] for row in rows]
+
+
+def quiet(_message):
+    pass
+
+
+def test_pareto_front_removes_dominated_points_and_keeps_ties():
+    points = [
+        point("b", 2.0, 85.0),
+        point("c", 2.0, 84.0),            # same latency as b, less accurate: dominated
+        point("d", 3.0, 85.0),            # as accurate as b, slower: dominated
+        point("a", 1.0, 80.0),
+        point("a_twin", 1.0, 80.0),       # exact tie with a: both stay
+        point("g", 4.0, 90.0),
+        point("h", 3.5, 70.0),            # dominated by everything faster and better
+        point("unknown", 0.5, None),      # no accuracy: ignored
+        point("nan", 0.1, float("nan")),  # ignored too
+    ]
+    assert names(pareto.pareto_front(points)) == ["a", "a_twin", "b", "g"]
+    assert pareto.pareto_front([]) == []
+    assert names(pareto.pareto_front([point("solo", 1.0, 50.0)])) == ["solo"]
+    # Minimising y instead (e.g. error rate): h, slow but lowest, joins the fastest pair.
+    assert names(pareto.pareto_front(points, maximize_y=False)) == ["a", "a_twin", "h"]
+    # Any keys: MACs as a capacity proxy.
+    macs = [dict(name="x", latency_median_ms=1.0, macs=5), dict(name="y", latency_median_ms=2.0, macs=4)]
+    assert names(pareto.pareto_front(macs, y_key="macs")) == ["x"]
+
+
+def test_select_fast_and_speedups():
+    reference = {"median_ms": 10.0, "p90_ms": 20.0, "macs": 1000}
+    rows = [
+        dict(name="teacher", role="teacher", mode="fp32", latency_median_ms=10.0, latency_p90_ms=20.0, macs=1000),
+        dict(name="teacher", role="teacher", mode="int8", latency_median_ms=5.0, latency_p90_ms=8.0, macs=1000),
+        dict(name="exact", role="student", mode="fp32", latency_median_ms=1.0, latency_p90_ms=4.0, macs=100,
+             accuracy=70.0),
+        dict(name="just_below", role="student", mode="fp32", latency_median_ms=1.0001, latency_p90_ms=1.0,
+             macs=90, accuracy=99.0),
+        dict(name="fast_int8", role="student", mode="int8", latency_median_ms=0.25, latency_p90_ms=0.5, macs=100,
+             accuracy=75.0),
+        dict(name="no_acc", role="student", mode="int8", latency_median_ms=0.1, latency_p90_ms=0.2, macs=10,
+             accuracy=None),
+        dict(name="untimed", role="student", mode="fp32", latency_median_ms=None, latency_p90_ms=None, macs=10),
+    ]
+    pareto.add_speedups(rows, reference)
+    by_name = {(row["name"], row["mode"]): row for row in rows}
+    assert by_name[("exact", "fp32")]["speedup_median"] == pytest.approx(10.0)
+    assert by_name[("exact", "fp32")]["speedup_p90"] == pytest.approx(5.0)
+    assert by_name[("fast_int8", "int8")]["speedup_vs_teacher_same_mode"] == pytest.approx(20.0)
+    assert by_name[("fast_int8", "int8")]["mac_ratio"] == pytest.approx(10.0)
+    assert by_name[("untimed", "fp32")]["speedup_median"] is None
+    # >= 10x inclusive, students only, most accurate first, unknown accuracy last.
+    assert names(pareto.select_fast(rows, 10.0)) == ["fast_int8", "exact", "no_acc"]
+    assert names(pareto.select_fast(rows, 1.5)) == ["just_below", "fast_int8", "exact", "no_acc"]
+    assert pareto.select_fast(rows, 1000.0) == []
+    with pytest.raises(InvalidArgumentError):
+        pareto.select_fast(rows, 0.0)
+
+
+def test_grid_parsing():
+    assert pareto.parse_widths(["1.0", " 0.35"]) == [1.0, 0.35]
+    assert pareto.candidate_grid([14, 6], [1.0, 0.35]) == [
+        ("k14_w1", 14, 1.0), ("k14_w0.35", 14, 0.35), ("k6_w1", 6, 1.0), ("k6_w0.35", 6, 0.35)]
+    for bad in (["0"], ["-1"], ["a"], [], ["0.5", "0.50"]):
+        with pytest.raises(InvalidArgumentError):
+            pareto.parse_widths(bad)
+    assert pareto.parse_modes(["fp32", "int8"]) == ["fp32", "int8"]
+    for bad in ([], ["fp32", "fp32"], ["fp64"]):
+        with pytest.raises(InvalidArgumentError):
+            pareto.parse_modes(bad)
+
+
+def small_teacher():
+    """A stand-in reference that converts in a second (the real teacher takes ~10-30 s)."""
+    import tf_keras as keras
+
+    from kdig_tf import models
+
+    keras.utils.set_random_seed(0)
+    return models.build_student(4, input_shape=pareto.IMAGE_SHAPE, name="stand_in_teacher")
+
+
+def size_latency(path, num_threads, warmup_runs, num_runs):
+    """Fake latency: 1 ms per 10 kB of model file."""
+    ms = os.path.getsize(path) / 1e4
+    return {"inference_median_ms": ms, "inference_p90_ms": 1.5 * ms, "inference_avg_ms": 1.1 * ms}
+
+
+def test_latency_only_end_to_end(tmp_path):
+    out = str(tmp_path / "sweep")
+    report = pareto.run_latency_sweep(out, ["1", "2"], ["0.25"], ["fp32"], num_runs=2, warmup_runs=1,
+                                      num_calibration=4, teacher=small_teacher(), latency_fn=size_latency,
+                                      command="test", log=quiet)
+    rows = report["rows"]
+    assert [(row["name"], row["mode"]) for row in rows][0] == ("teacher", "fp32")
+    assert {row["name"] for row in rows} == {"teacher", "k1_w0.25", "k2_w0.25"}
+    assert report["reference"]["drift"] == pytest.approx(1.0)
+    assert report["fast_candidates"] == ["k1_w0.25:fp32", "k2_w0.25:fp32"]  # no accuracy: fastest first
+    assert report["pareto"]["y"] == "macs" and report["best_fast"] is None
+    student = next(row for row in rows if row["name"] == "k2_w0.25")
+    assert student["speedup_median"] == pytest.approx(rows[0]["latency_median_ms"] / student["latency_median_ms"])
+    assert student["macs"] > 0 and student["params"] > 0 and student["weights"] == "random"
+    for suffix in ("json", "md", "png"):
+        assert os.path.getsize(os.path.join(out, f"latency_sweep.{suffix}")) > 0
+    saved = json.loads(open(os.path.join(out, "latency_sweep.json")).read())
+    assert saved["command"] == "test" and saved["machine"]["cpu_count"] == os.cpu_count()
+    assert len(saved["machine"]["load_average_before"]) == 3 and saved["settings"]["num_threads"] == 1
+    assert "| k1_w0.25 | 1 | 0.25 | fp32 |" in open(os.path.join(out, "latency_sweep.md")).read()
+
+    # Again with real LiteRT timings (2 runs, in-process): the conversions are reused.
+    stamps = {name: os.path.getmtime(os.path.join(out, "tflite", name))
+              for name in os.listdir(os.path.join(out, "tflite")) if name.endswith(".tflite")}
+    report = pareto.run_latency_sweep(out, ["1", "2"], ["0.25"], ["fp32"], num_runs=2, warmup_runs=1,
+                                      num_calibration=4, isolate=False, teacher=small_teacher(), command="test",
+                                      log=quiet)
+    assert all(row["latency_median_ms"] > 0 for row in report["rows"])
+    assert "in-process" in report["rows"][1]["latency"]["rss_scope"]
+    assert stamps == {name: os.path.getmtime(os.path.join(out, "tflite", name)) for name in stamps}
+
+
+def fake_distill(fail=()):
+    """Stands in for distill.py: a results.json whose exported .tflite files are placeholders."""
+    calls = []
+
+    def launch(command, log_path):
+        flags = dict(arg[2:].partition("=")[::2] for arg in command[2:])
+        flags = dict(experiments.read_flagfile(flags.pop("flagfile")), **flags) if "flagfile" in flags else flags
+        calls.append(flags)
+        workdir = flags["workdir"]
+        if any(f"/{name}/" in workdir for name in fail):
+            return 1
+        exports = {}
+        for mode in flags["export_modes"].split(","):
+            path = os.path.join(workdir, f"student_{mode}.tflite")
+            with open(path, "wb") as handle:
+                handle.write(b"x" * int(1000 * float(flags["width_multiplier"]) * int(flags["keep_blocks"])))
+            exports[mode] = {"path": path}
+        results = {"val_accuracy": 50.0 + int(flags["keep_blocks"]), "tflite": exports,
+                   "flags": {"dataset": "cifar10", "val_split": flags.get("val_split", "train[45000:]")}}
+        with open(os.path.join(workdir, "results.json"), "w") as handle:
+            json.dump(results, handle)
+        return 0
+    return launch, calls
+
+
+def test_train_path_with_a_fake_distill(tmp_path):
+    out = str(tmp_path / "sweep")
+    base = tmp_path / "base.cfg"
+    base.write_text("--method=kd_ig\n--epochs=1\n--val_split=train[45000:46000]\n")
+    launch, calls = fake_distill(fail=("k1_w0.25",))
+    evaluated = []
+
+    def accuracy(path, flags):
+        evaluated.append(path)
+        keep = int(os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(path))))[1])
+        return {"accuracy": 60.0 + keep + (0.5 if "fp32" in path else 0.0), "num_examples": 1000}
+
+    kwargs = dict(train=True, flagfile=str(base), num_runs=2, warmup_runs=1, num_calibration=4, teacher=small_teacher(),
+                  latency_fn=size_latency, accuracy_fn=accuracy, launcher=launch, command="test", log=quiet)
+    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], **kwargs)
+    assert len(calls) == 2
+    assert {(c["keep_blocks"], c["width_multiplier"], c["export_modes"]) for c in calls} == {
+        ("2", "0.25", "fp32"), ("1", "0.25", "fp32")}
+    assert all(c["store_dir"].endswith(os.path.join("sweep", "store")) for c in calls)
+    by_name = {row["name"]: row for row in report["rows"]}
+    assert by_name["k2_w0.25"]["weights"] == "trained" and by_name["k2_w0.25"]["accuracy"] == pytest.approx(62.5)
+    assert by_name["k2_w0.25"]["accuracy_split"] == "train[45000:46000]"
+    assert by_name["k1_w0.25"]["run_status"] == "failed" and by_name["k1_w0.25"]["accuracy"] is None
+    assert by_name["k1_w0.25"]["weights"] == "random" and by_name["k1_w0.25"]["latency_median_ms"] > 0
+    assert report["pareto"]["members"] == ["k2_w0.25:fp32"] and report["val_split"] == "train[45000:46000]"
+    assert report["best_fast"]["name"] == "k2_w0.25"
+    assert os.path.isfile(os.path.join(out, "runs.csv"))
+
+    # Rerun: the finished run is skipped and its accuracy cached; the failed one is retried.
+    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], **dict(kwargs, launcher=launch))
+    assert len(calls) == 3 and calls[-1]["keep_blocks"] == "1" and len(evaluated) == 1
+
+    with pytest.raises(InvalidArgumentError):
+        pareto.run_latency_sweep(str(tmp_path / "bad"), ["2"], ["0.25"], ["fp32"],
+                                 **dict(kwargs, extra_flags="--width_multiplier=0.5"))
+
+
+def test_script_rejects_bad_flags():
+    completed = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "latency_sweep.py"), "--widths=0",
+                                "--output_dir=/nonexistent/never"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")
