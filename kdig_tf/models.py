@@ -38,9 +38,20 @@ TEACHER_PARAMS = 2_236_682
 # fan_out for convs, N(0, 0.01) for the classifier. A depthwise kernel (kh, kw, C, 1) has
 # PyTorch fan_out kh*kw*C, which Keras calls fan_in. (In inference mode an untrained
 # MobileNetV2 still has near-constant logits: its BN layers are identities until trained.)
-CONV_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
-DEPTHWISE_INIT = keras.initializers.VarianceScaling(2.0, mode="fan_in", distribution="untruncated_normal")
-DENSE_INIT = keras.initializers.RandomNormal(stddev=0.01)
+# Factories, not shared instances: an unseeded tf-keras initializer fixes its seed when it
+# is created, so one instance would give every layer of a shape (and every model) the same values.
+
+
+def conv_init():
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="untruncated_normal")
+
+
+def depthwise_init():
+    return keras.initializers.VarianceScaling(2.0, mode="fan_in", distribution="untruncated_normal")
+
+
+def dense_init():
+    return keras.initializers.RandomNormal(stddev=0.01)
 
 # keep_blocks -> trainable parameter count, for the width-1.0, 10-class networks.
 STUDENT_PARAMS = {
@@ -79,12 +90,12 @@ def _conv_bn_relu(x, filters, kernel_size, stride, name, depthwise=False):
     if depthwise:
         x = keras.layers.DepthwiseConv2D(
             kernel_size, strides=stride, padding=padding, use_bias=False,
-            depthwise_initializer=DEPTHWISE_INIT, name=f"{name}_0"
+            depthwise_initializer=depthwise_init(), name=f"{name}_0"
         )(x)
     else:
         x = keras.layers.Conv2D(
             filters, kernel_size, strides=stride, padding=padding, use_bias=False,
-            kernel_initializer=CONV_INIT, name=f"{name}_0"
+            kernel_initializer=conv_init(), name=f"{name}_0"
         )(x)
     x = keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_1")(x)
     return keras.layers.ReLU(6.0, name=f"{name}_2")(x)
@@ -99,7 +110,7 @@ def _inverted_residual(x, in_channels, out_channels, stride, expand_ratio, name)
         x = _conv_bn_relu(x, hidden, 1, 1, f"{prefix}_{index}")
         index += 1
     x = _conv_bn_relu(x, hidden, 3, stride, f"{prefix}_{index}", depthwise=True)
-    x = keras.layers.Conv2D(out_channels, 1, use_bias=False, kernel_initializer=CONV_INIT,
+    x = keras.layers.Conv2D(out_channels, 1, use_bias=False, kernel_initializer=conv_init(),
                             name=f"{prefix}_{index + 1}")(x)
     x = keras.layers.BatchNormalization(
         epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{prefix}_{index + 2}"
@@ -147,7 +158,7 @@ def build_teacher(num_classes=10, width_multiplier=1.0, input_shape=(32, 32, 3),
     x = _conv_bn_relu(x, head, 1, 1, f"features_{MAX_STUDENT_BLOCKS}")
     x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
     x = keras.layers.Dropout(dropout, name="classifier_0")(x)
-    outputs = keras.layers.Dense(num_classes, kernel_initializer=DENSE_INIT, name="classifier_1")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_initializer=dense_init(), name="classifier_1")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -181,7 +192,7 @@ def build_student(keep_blocks=None, compression=None, num_classes=10, width_mult
     inputs = keras.Input(shape=input_shape, name="image")
     x = _features(inputs, keep_blocks, width_multiplier)
     x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
-    outputs = keras.layers.Dense(num_classes, kernel_initializer=DENSE_INIT, name="classifier_1")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_initializer=dense_init(), name="classifier_1")(x)
     if name is None:
         name = f"mobilenetv2_student_k{keep_blocks}"
         if width_multiplier != 1.0:

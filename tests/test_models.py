@@ -107,3 +107,23 @@ def test_feature_layer_name(teacher):
     assert models.feature_layer_name(3, teacher) == "features_3_add"
     assert models.feature_layer_name(4, teacher) == "features_4_conv_3"
     assert models.feature_layer_name(1) == "features_1_conv_2"
+
+
+def test_initialisation_differs_between_layers_and_seeds():
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(0)
+    first = models.build_student(keep_blocks=7)
+    keras.utils.set_random_seed(0)
+    again = models.build_student(keep_blocks=7)
+    keras.utils.set_random_seed(1)
+    other = models.build_student(keep_blocks=7)
+    kernel = lambda m, name: m.get_layer(name).get_weights()[0]  # noqa: E731
+    assert np.array_equal(kernel(first, "features_2_conv_0_0"), kernel(again, "features_2_conv_0_0"))
+    assert not np.array_equal(kernel(first, "features_2_conv_0_0"), kernel(other, "features_2_conv_0_0"))
+    # Two layers with the same kernel shape (1x1, 32 -> 192) must not share values.
+    assert kernel(first, "features_5_conv_0_0").shape == kernel(first, "features_6_conv_0_0").shape
+    assert not np.array_equal(kernel(first, "features_5_conv_0_0"), kernel(first, "features_6_conv_0_0"))
+    stem = kernel(first, "features_0_0")
+    # Kaiming normal, fan_out = 3*3*32: std sqrt(2 / 288).
+    assert abs(stem.std() - np.sqrt(2.0 / 288)) < 0.2 * np.sqrt(2.0 / 288)

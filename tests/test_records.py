@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+import tf_keras as keras
 
 from kdig_tf import data, models, overlay, records
 from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
@@ -143,7 +144,9 @@ def test_workers_split_shards_and_merge(mock_cifar, tiny_teacher, tmp_path):
 
 def test_store_of_another_teacher_is_refused(store_copy, tiny_teacher):
     tmp_path = store_copy
+    keras.utils.set_random_seed(1)  # the autouse fixture reseeds with 0: same seed, same weights
     other = models.build_student(keep_blocks=2)
+    assert records.weights_fingerprint(other) != records.weights_fingerprint(tiny_teacher)
     with pytest.raises(records.StoreMismatchError, match="teacher_sha256"):
         records.Store(str(tmp_path), expected=_request(other))
     with pytest.raises(records.StoreMismatchError, match="steps"):
