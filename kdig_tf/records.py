@@ -122,7 +122,8 @@ def serialize_example(example_id, index, label, image, logits, ig_map, encoding=
         "map": _bytes_feature(map_bytes),
         "map_scale": _float_feature([scale]),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # Deterministic bytes: a resumed store must checksum like a clean one, across processes.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def _parse_spec(num_classes):
