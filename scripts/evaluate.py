@@ -76,66 +76,13 @@ def keras_predictor(model):
     return tf.function(lambda inputs: model(inputs, training=False), input_signature=signature)
 
 
-class TFLitePredictor:
-    """Runs a .tflite classifier one image at a time, (de)quantising int8/uint8 tensors."""
+def tflite_predictor(path):
+    """(predict function, tensor names, number of classes) for a .tflite classifier."""
+    from kdig_tf import export
 
-    def __init__(self, path):
-        from ai_edge_litert.interpreter import Interpreter
-
-        from kdig_tf.errors import NotAModelError
-
-        try:
-            self.interpreter = Interpreter(model_path=path)
-            self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise NotAModelError(f"{path} is not a readable TFLite model: {reason}") from err
-        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise NotAModelError(f"{path} must have one input and one output, "
-                                 f"has {len(inputs)} and {len(outputs)}")
-        self.input, self.output = inputs[0], outputs[0]
-        self.num_classes = int(self.output["shape"][-1])
-        self.names = [tensor["name"] for tensor in self.interpreter.get_tensor_details()]
-
-    def __call__(self, batch):
-        import numpy as np
-
-        from kdig_tf.errors import ShapeMismatchError
-
-        batch = np.asarray(batch, dtype=np.float32)
-        if tuple(batch.shape[1:]) != tuple(self.input["shape"][1:]):
-            raise ShapeMismatchError(
-                f"TFLite model expects images of shape {tuple(self.input['shape'][1:])}, "
-                f"got {tuple(batch.shape[1:])}")
-        scores = []
-        for image in batch:
-            self.interpreter.set_tensor(self.input["index"], _quantize(image[None], self.input))
-            self.interpreter.invoke()
-            scores.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output)[0])
-        return np.stack(scores)
-
-
-def _quantize(values, detail):
-    import numpy as np
-
-    dtype = np.dtype(detail["dtype"])
-    scale, zero_point = detail["quantization"]
-    if not np.issubdtype(dtype, np.integer):
-        return values.astype(dtype)
-    if scale == 0:  # integer input without quantisation parameters: feed as is
-        return np.clip(np.round(values), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
-    quantized = np.round(values / scale + zero_point)
-    return np.clip(quantized, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
-
-
-def _dequantize(values, detail):
-    import numpy as np
-
-    scale, zero_point = detail["quantization"]
-    if np.issubdtype(values.dtype, np.integer) and scale != 0:
-        return (values.astype(np.float32) - zero_point) * scale
-    return values.astype(np.float32)
+    model = export.TFLiteModel(path)
+    names = [tensor["name"] for tensor in model.interpreter.get_tensor_details()]
+    return model.predict, names, int(model.output_spec["shape"][-1])
 
 
 def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
@@ -151,9 +98,8 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         raise InvalidArgumentError("batch_size must be >= 1 and limit >= 0")
     loading.check_model_file(weights)
     if weights.lower().endswith(".tflite"):
-        predictor = TFLitePredictor(weights)
-        found_arch, found_keep = loading.describe_names(predictor.names)
-        num_outputs = predictor.num_classes
+        predictor, names, num_outputs = tflite_predictor(weights)
+        found_arch, found_keep = loading.describe_names(names)
     else:
         # num_classes=None: a weights-only file gives its own classifier size.
         model = loading.load_model(weights, arch=arch, keep_blocks=keep_blocks, num_classes=None)

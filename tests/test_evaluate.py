@@ -121,32 +121,33 @@ def test_tflite_predictor_matches_keras(tmp_path, tiny_student_files, int8):
     inputs = np.random.default_rng(0).random((6, 32, 32, 3), dtype=np.float32)
     path = tmp_path / "model.tflite"
     path.write_bytes(_convert(model, int8, inputs))
-    predictor = evaluate_script.TFLitePredictor(str(path))
-    assert predictor.num_classes == 10
-    assert (predictor.input["dtype"] == np.int8) == int8
+    predictor, names, num_classes = evaluate_script.tflite_predictor(str(path))
+    assert num_classes == 10
     expected = model(inputs, training=False).numpy()
     scores = predictor(inputs)
     assert scores.shape == expected.shape and scores.dtype == np.float32
     tolerance = 0.05 * np.abs(expected).max() if int8 else 1e-5
     assert np.abs(scores - expected).max() <= tolerance
     from kdig_tf import loading
-    assert loading.describe_names(predictor.names) == ("student", 2)
+    assert loading.describe_names(names) == ("student", 2)
 
 
 def test_quantize_roundtrip():
-    detail = {"dtype": np.int8, "quantization": (0.5, -3)}
+    from kdig_tf import export
+
+    spec = {"dtype": "int8", "quantization": {"scale": 0.5, "zero_point": -3}}
     values = np.array([-100.0, -1.0, 0.0, 0.26, 1.0, 100.0], np.float32)
-    quantized = evaluate_script._quantize(values, detail)
+    quantized = export.quantize(values, spec)
     assert quantized.dtype == np.int8
     assert quantized.tolist() == [-128, -5, -3, -2, -1, 127]
-    np.testing.assert_allclose(evaluate_script._dequantize(quantized, detail)[1:5], [-1.0, 0.0, 0.5, 1.0])
+    np.testing.assert_allclose(export.dequantize(quantized, spec)[1:5], [-1.0, 0.0, 0.5, 1.0])
 
 
 def test_tflite_predictor_rejects_garbage(tmp_path):
     path = tmp_path / "garbage.tflite"
     path.write_bytes(b"definitely not a flatbuffer" * 10)
     with pytest.raises(NotAModelError):
-        evaluate_script.TFLitePredictor(str(path))
+        evaluate_script.tflite_predictor(str(path))
 
 
 # ---- the command line, in subprocesses ---------------------------------------------------------
