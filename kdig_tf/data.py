@@ -45,10 +45,8 @@ def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shu
     download hangs for minutes. Order is deterministic (files are not shuffled).
     """
     try:
-        ds, info = tfds.load(
-            name, split=split, data_dir=default_data_dir(data_dir), download=download,
-            shuffle_files=shuffle_files, with_info=True,
-        )
+        ds, info = tfds.load(name, download=download, split=split, data_dir=default_data_dir(data_dir),
+                             shuffle_files=shuffle_files, with_info=True)
     except (AssertionError, ValueError, KeyError) as err:
         named = _translate_tfds_error(err, name, split, data_dir)
         if named is None:
