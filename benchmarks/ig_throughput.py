@@ -32,18 +32,6 @@ def main(argv):
     cli.run(_run)
 
 
-def machine_info():
-    import platform
-
-    import tensorflow as tf
-    return {"cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()}
-
-
 def _run():
     import statistics
     import time
@@ -52,7 +40,7 @@ def _run():
     import tensorflow as tf
     import tf_keras as keras
 
-    from kdig_tf import attribution, models
+    from kdig_tf import attribution, benchmark, models
     from kdig_tf.errors import InvalidArgumentError
     from kdig_tf.io_utils import atomic_write_json
 
@@ -130,7 +118,7 @@ def _run():
         "target_ratio": 0.9,
         "meets_target": ig_median / fb_median >= 0.9,
         "warmup_calls": FLAGS.warmup, "repeats": FLAGS.repeats,
-        "machine": dict(machine_info(), load_average_start=list(load_start), load_average_end=list(load_end)),
+        "machine": dict(benchmark.environment(), load_average_start=list(load_start), load_average_end=list(load_end)),
     }
     atomic_write_json(FLAGS.output, result)
     print(f"fwd+bwd {fb_median:.1f} points/s, IG {ig_median:.1f} points/s, ratio {result['ratio_of_medians']:.3f} "

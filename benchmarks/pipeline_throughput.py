@@ -40,16 +40,6 @@ def main(argv):
     cli.run(_run)
 
 
-def machine_info():
-    import platform
-
-    import tensorflow as tf
-    return {"cpu_count": os.cpu_count(),
-            "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "tensorflow": tf.__version__}
-
-
 def _open_or_build_store(store_dir):
     import time
 
@@ -76,7 +66,7 @@ def _run():
     import tensorflow as tf
     import tf_keras as keras
 
-    from kdig_tf import distiller, models, overlay
+    from kdig_tf import benchmark, distiller, models, overlay
     from kdig_tf.errors import InvalidArgumentError
     from kdig_tf.io_utils import atomic_write_json
 
@@ -141,7 +131,7 @@ def _run():
         "target_ratio": 10.0,
         "meets_target": pipeline_median / train_median >= 10.0,
         "repeats": FLAGS.repeats,
-        "machine": dict(machine_info(), load_average_start=list(load_start), load_average_end=list(load_end)),
+        "machine": dict(benchmark.environment(), load_average_start=list(load_start), load_average_end=list(load_end)),
     }
     atomic_write_json(FLAGS.output, result)
     print(f"pipeline {pipeline_median:.0f} img/s, training {train_median:.1f} img/s, "

@@ -275,6 +275,7 @@ def environment():
         "cpu_count": os.cpu_count(),
         "load_average": _load_average(),
         "ai_edge_litert": metadata.version("ai-edge-litert"),
+        "tensorflow": metadata.version("tensorflow"),  # without importing it: workers stay TF-free
         "kdig_tf": kdig_tf.__version__,
     }
 

@@ -49,7 +49,6 @@ def main(argv):
 
 
 def _train():
-    import json
     import time
 
     import tensorflow as tf
