@@ -53,4 +53,4 @@ class TestSplitSelectionError(KdigError):
 
 
 class StaleRunError(KdigError):
-    """A finished run directory was produced with different flags than the campaign now asks for."""
+    """A run directory holds a run (finished or partial) made with other settings than asked for now."""

@@ -36,6 +36,15 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
 
 
+def read_json_or_none(path):
+    """The JSON in ``path``, or None if it is missing or unreadable (e.g. an older crash)."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 def _json_default(value):
     if hasattr(value, "item"):
         return value.item()

@@ -30,7 +30,7 @@ import numpy as np
 
 from kdig_tf import experiments
 from kdig_tf.errors import InvalidArgumentError, NotAModelError
-from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, sha256_file
+from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file
 
 REPORT_STEM = "latency_sweep"
 ACCURACY_CACHE = "accuracy.json"
@@ -287,7 +287,7 @@ def _calibration(kind, count, seed):
 
 def _reusable(path, weights_hash, mode, num_representative):
     """True if ``path`` was converted from these weights in this mode (so a rerun skips conversion)."""
-    sidecar = experiments._load_json(os.path.splitext(path)[0] + ".json") or {}
+    sidecar = read_json_or_none(os.path.splitext(path)[0] + ".json") or {}
     if not os.path.isfile(path) or sidecar.get("tflite_sha256") != sha256_file(path):
         return False
     conversion = sidecar.get("conversion") or {}
@@ -361,7 +361,7 @@ def _trained_file(run_row, mode):
     """(path, results) of a finished run's exported .tflite in ``mode``, else (None, None)."""
     if run_row is None or run_row["status"] not in experiments.FINISHED:
         return None, None
-    results = experiments._load_json(os.path.join(run_row["workdir"], experiments.RESULTS_FILE)) or {}
+    results = read_json_or_none(os.path.join(run_row["workdir"], experiments.RESULTS_FILE)) or {}
     entry = (results.get("tflite") or {}).get(mode) or {}
     path = entry.get("path") if isinstance(entry, dict) else None
     if not path or not os.path.isfile(path):
@@ -438,7 +438,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
                                weights="random"))
 
     cache_path = os.path.join(output_dir, ACCURACY_CACHE)
-    accuracy_cache = experiments._load_json(cache_path) or {}
+    accuracy_cache = read_json_or_none(cache_path) or {}
     for name, keep, width in grid:
         keras.utils.set_random_seed(random_seed)
         student = models.build_student(keep, width_multiplier=width, input_shape=IMAGE_SHAPE)

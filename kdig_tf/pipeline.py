@@ -4,11 +4,16 @@
 (building it if missing, refusing one built with another teacher or settings), trains a
 student with the chosen method, evaluates it, exports TFLite, and writes
 ``results.json`` **last**: a workdir without it is an unfinished run. A killed run
-resumes at its last finished epoch.
+resumes at its last finished epoch; a run killed after training only redoes the
+evaluation and export. ``run_config.json`` records the settings a workdir was started
+with, and a later call with other training settings is refused (``StaleRunError``), so
+a backup is never resumed under different flags.
 """
 import kdig_tf  # noqa: F401
 
+import csv
 import dataclasses
+import json
 import os
 import time
 
@@ -17,8 +22,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from kdig_tf import data, distiller, loading, models, overlay, records
-from kdig_tf.errors import InvalidArgumentError, NotAModelError, UnknownKeyError
-from kdig_tf.io_utils import atomic_path, atomic_write_json
+from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError, UnknownKeyError
+from kdig_tf.io_utils import atomic_path, atomic_write_json, read_json_or_none
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
 METHODS = {
@@ -34,6 +39,12 @@ METHODS = {
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 RESULTS = "results.json"
+RUN_CONFIG = "run_config.json"
+HISTORY = "history.csv"
+STUDENT = "student.h5"
+BACKUP = "backup"
+# Settings that do not change what is trained: a run may be continued or re-exported with other values.
+NON_TRAINING_FIELDS = ("verbose", "data_dir", "store_dir", "eval_split", "export_modes", "ig_max_batch")
 TEACHER_HELP = ("train one with `python scripts/train_teacher.py --data_dir=<tfds dir>` (hours on a CPU), or "
                 "pass --teacher=<.h5 | .keras | .pt>; the reference teacher lives in pretrained/teacher.h5")
 
@@ -141,9 +152,9 @@ def load_teacher(path, num_classes=None):
     return teacher
 
 
-def ensure_store(config, teacher, store_dir, progress=True):
+def ensure_store(config, teacher, store_dir, progress=True, teacher_hash=None):
     """Open the store for ``config``, building it first if it does not exist."""
-    teacher_hash = records.weights_fingerprint(teacher)
+    teacher_hash = teacher_hash or records.weights_fingerprint(teacher)
     targets = records.TeacherTargets(teacher, steps=config.ig_steps, method=config.ig_method,
                                      baseline=config.ig_baseline, max_batch=config.ig_max_batch)
     expected = records.store_settings(config.dataset, config.train_split, teacher_hash, targets.settings(),
@@ -210,10 +221,118 @@ def evaluate_student(student, dataset, split, data_dir, batch_size=256):
     return 100.0 * float(results["accuracy"]), data.count_examples(raw)
 
 
-def run_distillation(config, workdir, progress=True):
-    """Run one distillation end to end and return the results dict (also in results.json)."""
+def validation_dataset(val_raw, teacher=None, batch_size=256):
+    """Batches of (student_input, label[, teacher_logits]) for the validation split.
+
+    With a teacher, its logits are computed once here, in the same pass as the images, so
+    validation reports the real KD term instead of zero and cannot misalign them.
+    """
+    if teacher is None:
+        return data.classification_dataset(val_raw, data.preprocess_student, batch_size)
+    inputs, labels, logits = [], [], []
+    for images, batch_labels, _ in val_raw.batch(batch_size):
+        inputs.append(data.preprocess_student(images).numpy())
+        labels.append(batch_labels.numpy())
+        logits.append(teacher(data.preprocess_teacher(images), training=False).numpy())
+    return tf.data.Dataset.from_tensor_slices(
+        (np.concatenate(inputs), np.concatenate(labels), np.concatenate(logits))).batch(batch_size)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_seconds`` to each epoch's logs, so the CSV log keeps it across restarts."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self._started
+
+
+class SaveStudentAtEnd(keras.callbacks.Callback):
+    """Writes the trained student before ``BackupAndRestore`` deletes its backup.
+
+    Placed ahead of it in the callback list, so no moment exists at which a kill would lose
+    both the backup and the trained student.
+    """
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_end(self, logs=None):
+        with atomic_path(self.path) as tmp:
+            self.model.save_student(tmp)
+
+
+def read_history(history_path):
+    """The CSV log as {column: [value per epoch]}, one row per epoch.
+
+    A kill between a backup and its CSV row makes a resumed run log an epoch twice; the
+    later row is the one the surviving weights come from.
+    """
+    if not os.path.exists(history_path):
+        return {}
+    with open(history_path, newline="") as handle:
+        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
+    columns = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+    return columns
+
+
+def training_settings(config, teacher_hash=None):
+    """What a run's trained student depends on: every setting but NON_TRAINING_FIELDS, plus the teacher."""
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in NON_TRAINING_FIELDS}
+    settings["teacher_sha256"] = teacher_hash
+    return settings
+
+
+def claim_workdir(workdir, settings):
+    """Record ``settings`` in a new workdir, or check that an existing one was started with them."""
+    path = os.path.join(workdir, RUN_CONFIG)
+    if not os.path.exists(path):
+        leftovers = [name for name in (RESULTS, STUDENT, HISTORY) if os.path.exists(os.path.join(workdir, name))]
+        leftovers += [BACKUP] if _holds_files(os.path.join(workdir, BACKUP)) else []
+        if leftovers:
+            raise StaleRunError(f"{workdir} holds {leftovers} from a run of unrecorded settings; "
+                                "use a new --workdir or delete it")
+        atomic_write_json(path, settings)
+        return
+    try:
+        with open(path) as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise StaleRunError(f"{path} is unreadable ({err}); use a new --workdir or delete it") from err
+    changes = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
+               for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
+    if changes:
+        raise StaleRunError(f"{workdir} was started with other settings ({'; '.join(changes)}); "
+                            "use a new --workdir or delete it")
+
+
+def _holds_files(directory):
+    """True if ``directory`` holds any file (BackupAndRestore leaves an empty folder behind)."""
+    return any(files for _, _, files in os.walk(directory))
+
+
+def _finished_results(workdir, config):
+    """The results of an identical finished run in ``workdir``, else None."""
+    results = read_json_or_none(os.path.join(workdir, RESULTS))
+    return results if results is not None and results.get("flags") == dataclasses.asdict(config) else None
+
+
+def run_distillation(config, workdir, progress=True, extra_callbacks=()):
+    """Run one distillation end to end and return the results dict (also in results.json).
+
+    An identical finished run in ``workdir`` is returned as it is. ``extra_callbacks`` are
+    appended to ``fit``'s callbacks (e.g. for notebooks or tests).
+    """
     config.validate()
-    os.makedirs(workdir, exist_ok=True)
+    finished = _finished_results(workdir, config)
+    if finished is not None:
+        return finished
     keras.utils.set_random_seed(config.seed)
     alpha, p, gamma = config.effective()
     _, info = data.load(config.dataset, config.val_split, config.data_dir)  # fail early on bad data
@@ -227,8 +346,13 @@ def run_distillation(config, workdir, progress=True):
         if teacher.output_shape[-1] != num_classes:
             raise InvalidArgumentError(f"teacher has {teacher.output_shape[-1]} classes, {config.dataset} "
                                        f"has {num_classes}")
+    teacher_hash = None if teacher is None else records.weights_fingerprint(teacher)
+    os.makedirs(workdir, exist_ok=True)
+    claim_workdir(workdir, training_settings(config, teacher_hash))
     if config.uses_kd or config.uses_ig:
-        store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress)
+        store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress,
+                             teacher_hash)
+    store_seconds = time.time() - started
     raw_train = None if store is not None else data.load(config.dataset, config.train_split, config.data_dir)[0]
     keep = _subset_keep(config, store, raw_train)
 
@@ -243,26 +367,34 @@ def run_distillation(config, workdir, progress=True):
         num_train = data.count_examples(raw_train) if keep is None else len(keep)
     steps_per_epoch = -(-num_train // config.batch_size)
     val_raw, _ = data.load(config.dataset, config.val_split, config.data_dir)
-    val_ds = data.classification_dataset(val_raw, data.preprocess_student, 256)
+    student_path = os.path.join(workdir, STUDENT)
+    history_path = os.path.join(workdir, HISTORY)
+    backup_dir = os.path.join(workdir, BACKUP)
 
-    student = models.build_student(config.keep_blocks, num_classes=num_classes,
-                                   width_multiplier=config.width_multiplier)
-    at_loss = None
-    if gamma > 0:
-        at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)
-    model = distiller.Distiller(student, teacher if gamma > 0 else None,
-                                distiller.KDLoss(alpha, config.temperature), at_loss)
-    model.compile(optimizer=_optimizer(config, steps_per_epoch))
-    model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(workdir, "backup")),
-                 keras.callbacks.CSVLogger(os.path.join(workdir, "history.csv"), append=True)]
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=config.verbose if progress else 0)
-    train_seconds = time.time() - started
-
-    student_path = os.path.join(workdir, "student.h5")
-    with atomic_path(student_path) as tmp:
-        model.save_student(tmp)
+    if os.path.exists(student_path):  # trained by an earlier call with these settings (checked above)
+        student = loading.load_model(student_path)
+    else:
+        if not _holds_files(backup_dir) and os.path.exists(history_path):
+            os.remove(history_path)  # epochs logged by a run that left no checkpoint cannot be resumed
+        val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
+        student = models.build_student(config.keep_blocks, num_classes=num_classes,
+                                       width_multiplier=config.width_multiplier)
+        at_loss = None
+        if gamma > 0:
+            at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)
+        model = distiller.Distiller(student, teacher if gamma > 0 else None,
+                                    distiller.KDLoss(alpha, config.temperature), at_loss)
+        model.compile(optimizer=_optimizer(config, steps_per_epoch))
+        model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model
+        # Order matters. The timer writes into the logs CSVLogger reads. An epoch is logged
+        # before it is backed up, so a kill in between makes a duplicate row (read_history
+        # keeps the later one), never a missing one. The student is saved before
+        # BackupAndRestore removes the backup at the end of training.
+        callbacks = [EpochTimer(), SaveStudentAtEnd(student_path), keras.callbacks.CSVLogger(history_path, append=True),
+                     keras.callbacks.BackupAndRestore(backup_dir), *extra_callbacks]
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
+                  verbose=config.verbose if progress else 0)
+    history = read_history(history_path)
     val_accuracy, num_val = evaluate_student(student, config.dataset, config.val_split, config.data_dir)
     results = {
         "method": config.method, "seed": config.seed,
@@ -271,12 +403,16 @@ def run_distillation(config, workdir, progress=True):
         "trainable_params": models.count_trainable_params(student),
         "teacher_params": models.TEACHER_PARAMS,
         "compression": models.TEACHER_PARAMS / models.count_trainable_params(student),
-        "num_train": num_train, "train_seconds": train_seconds,
+        "num_train": num_train,
+        # Summed over epochs, across restarts; the store is timed apart (this process only).
+        "train_seconds": float(np.nansum(history.get("epoch_seconds", [np.nan]))),
+        "store_seconds_this_process": store_seconds,
         "student_path": os.path.abspath(student_path),
         "store": None if store is None else {"dir": os.path.abspath(store.store_dir),
                                               "teacher_sha256": store.manifest["teacher_sha256"],
                                               "ig": store.manifest["ig"]},
-        "history": {key: [float(v) for v in values] for key, values in history.history.items()},
+        "history": {key: values for key, values in history.items() if key != "epoch"},
+        "epochs_logged": len(history.get("epoch", [])),
         "flags": dataclasses.asdict(config),
     }
     if config.eval_split:

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kdig_tf  # noqa: E402,F401
 from absl import app, flags  # noqa: E402
 
-from kdig_tf import experiments  # noqa: E402
+from kdig_tf import campaigns, experiments, reports  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
@@ -54,12 +54,12 @@ def main(argv):
 
 def _ablation():
     seeds = experiments.resolve_seeds(FLAGS.seeds, FLAGS.num_seeds)
-    summary = experiments.run_ablation(
+    summary = campaigns.run_ablation(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
         subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, reference=FLAGS.reference,
         final_report=FLAGS.final_report, script=FLAGS.distill_script, dry_run=FLAGS.dry_run)
     if summary is not None:
-        print(experiments.arms_markdown(summary["arms"], summary["reference"], "val acc"))
+        print(reports.arms_markdown(summary["arms"], summary["reference"], "val acc"))
         print(f"written: {os.path.join(FLAGS.output_dir, 'summary.md')}")
 
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kdig_tf  # noqa: E402,F401
 from absl import app, flags  # noqa: E402
 
-from kdig_tf import experiments  # noqa: E402
+from kdig_tf import campaigns, experiments  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
@@ -56,10 +56,10 @@ def main(argv):
 
 def _sweep():
     seeds = experiments.resolve_seeds(FLAGS.seeds, FLAGS.num_seeds)
-    report = experiments.run_compression_sweep(
+    report = campaigns.run_compression_sweep(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.keep_blocks, FLAGS.methods, seeds,
         extra_flags=FLAGS.extra_flags, reference=FLAGS.reference, final_report=FLAGS.final_report,
-        latency_fn=experiments.measure_student_latency if FLAGS.latency else None,
+        latency_fn=campaigns.measure_student_latency if FLAGS.latency else None,
         warmup_runs=FLAGS.warmup_runs, num_runs=FLAGS.num_runs, script=FLAGS.distill_script,
         dry_run=FLAGS.dry_run)
     if report is not None:

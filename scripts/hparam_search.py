@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kdig_tf  # noqa: E402,F401
 from absl import app, flags  # noqa: E402
 
-from kdig_tf import experiments  # noqa: E402
+from kdig_tf import campaigns, experiments  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
@@ -56,10 +56,10 @@ def main(argv):
 def search_space():
     """{distill flag: parsed values} for every non-empty search option."""
     space = {}
-    for option, flag in experiments.SEARCH_FLAGS.items():
+    for option, flag in campaigns.SEARCH_FLAGS.items():
         text = FLAGS[option].value
         if text and text.strip():
-            space[flag] = experiments.parse_search_values(flag, text)
+            space[flag] = campaigns.parse_search_values(flag, text)
     return space
 
 
@@ -67,7 +67,7 @@ def _search():
     # Refuse before anything else happens, including reading the base flagfile.
     experiments.check_selection_split(FLAGS.val_split, FLAGS.final_report, "val_split")
     seeds = experiments.resolve_seeds(FLAGS.seeds, 1)
-    report = experiments.run_hparam_search(
+    report = campaigns.run_hparam_search(
         FLAGS.output_dir, FLAGS.flagfile_base or None, search_space(), method=FLAGS.method, search=FLAGS.search,
         num_trials=FLAGS.num_trials, search_seed=FLAGS.search_seed, seeds=seeds, val_split=FLAGS.val_split,
         extra_flags=FLAGS.extra_flags, final_report=FLAGS.final_report, script=FLAGS.distill_script,

@@ -8,7 +8,7 @@ import sys
 import pytest
 from scipy import stats as scipy_stats
 
-from kdig_tf import experiments
+from kdig_tf import campaigns, experiments
 from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
                             UnknownKeyError)
 
@@ -115,14 +115,14 @@ def test_split_guard_accepts_other_splits(split):
 
 def test_hparam_search_refuses_test_splits(tmp_path):
     fake = FakeDistill(lambda flags: 90.0)
-    space = {"alpha": experiments.parse_search_values("alpha", "0.1,0.5")}
+    space = {"alpha": campaigns.parse_search_values("alpha", "0.1,0.5")}
     with pytest.raises(TestSplitSelectionError):
-        experiments.run_hparam_search(str(tmp_path / "a"), None, space, val_split="test[:50%]",
-                                      launcher=fake, log=quiet)
+        campaigns.run_hparam_search(str(tmp_path / "a"), None, space, val_split="test[:50%]",
+                                    launcher=fake, log=quiet)
     # A test split hidden in the base flagfile is refused too.
     flagfile = make_flagfile(tmp_path, "--eval_split=test\n")
     with pytest.raises(TestSplitSelectionError):
-        experiments.run_hparam_search(str(tmp_path / "b"), flagfile, space, launcher=fake, log=quiet)
+        campaigns.run_hparam_search(str(tmp_path / "b"), flagfile, space, launcher=fake, log=quiet)
     assert fake.calls == []
 
 
@@ -138,12 +138,12 @@ def test_hparam_script_refuses_test_split(tmp_path):
 
 def test_grid_search_ranks_on_validation_and_writes_best_flagfile(tmp_path):
     flagfile = make_flagfile(tmp_path, "--epochs=3\n--alpha=0.3\n--temperature=1\n")
-    space = {"alpha": experiments.parse_search_values("alpha", "0.1,0.5"),
-             "temperature": experiments.parse_search_values("temperature", "2,4")}
+    space = {"alpha": campaigns.parse_search_values("alpha", "0.1,0.5"),
+             "temperature": campaigns.parse_search_values("temperature", "2,4")}
     # Best at alpha 0.5, T 2.
     fake = FakeDistill(lambda f: 90.0 + 10 * float(f["alpha"]) - float(f["temperature"]))
     out = str(tmp_path / "search")
-    report = experiments.run_hparam_search(out, flagfile, space, method="kd", launcher=fake, log=quiet)
+    report = campaigns.run_hparam_search(out, flagfile, space, method="kd", launcher=fake, log=quiet)
     assert len(fake.calls) == 4
     assert all(call["val_split"] == "train[45000:]" and call["method"] == "kd" for call in fake.calls)
     assert [t["params"] for t in report["trials"]][:2] == [{"alpha": 0.5, "temperature": 2.0},
@@ -157,19 +157,19 @@ def test_grid_search_ranks_on_validation_and_writes_best_flagfile(tmp_path):
 
 
 def test_search_spaces():
-    space = {"alpha": experiments.parse_search_values("alpha", "0.01:0.9"),
-             "temperature": experiments.parse_search_values("temperature", "1:20:log"),
-             "p": experiments.parse_search_values("p", "0.2,0.8")}
-    trials = experiments.random_trials(space, 25, seed=3)
-    assert trials == experiments.random_trials(space, 25, seed=3)
+    space = {"alpha": campaigns.parse_search_values("alpha", "0.01:0.9"),
+             "temperature": campaigns.parse_search_values("temperature", "1:20:log"),
+             "p": campaigns.parse_search_values("p", "0.2,0.8")}
+    trials = campaigns.random_trials(space, 25, seed=3)
+    assert trials == campaigns.random_trials(space, 25, seed=3)
     assert all(0.01 <= t["alpha"] <= 0.9 and 1 <= t["temperature"] <= 20 and t["p"] in (0.2, 0.8)
                for t in trials)
     with pytest.raises(InvalidArgumentError):
-        experiments.grid_trials(space)
-    assert len(experiments.grid_trials({"alpha": ("choice", [0.1, 0.2]), "p": ("choice", [0.5, 0.6, 0.7])})) == 6
+        campaigns.grid_trials(space)
+    assert len(campaigns.grid_trials({"alpha": ("choice", [0.1, 0.2]), "p": ("choice", [0.5, 0.6, 0.7])})) == 6
     for flag, text in [("alpha", "1.5"), ("temperature", "0"), ("alpha", "0.5:0.1"), ("p", "a,b"), ("p", "0:1:log")]:
         with pytest.raises(InvalidArgumentError):
-            experiments.parse_search_values(flag, text)
+            campaigns.parse_search_values(flag, text)
 
 
 def test_arms_and_extra_flags():
@@ -199,8 +199,8 @@ def by_arm(flags):
 def test_ablation_summary_and_plot(tmp_path):
     out = str(tmp_path / "ablation")
     fake = FakeDistill(by_arm)
-    summary = experiments.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
-                                       subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
+    summary = campaigns.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
+                                     subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
     assert len(fake.calls) == 12
     assert {call["subset_seed"] for call in fake.calls} == {"0", "1", "2"}
     assert {call["store_dir"] for call in fake.calls} == {os.path.abspath(os.path.join(out, "store"))}
@@ -228,19 +228,19 @@ def test_ablation_summary_and_plot(tmp_path):
     assert "| kd | 3 | 93.17 ± 1.26 |" in markdown and "Misalignment control" in markdown
 
     # Rerunning launches nothing and reproduces the summary.
-    again = experiments.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
-                                     subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
+    again = campaigns.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
+                                   subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
     assert len(fake.calls) == 12 and again["arms"] == summary["arms"]
 
 
 def test_ablation_refuses_test_split_unless_final_report(tmp_path):
     fake = FakeDistill(by_arm)
     with pytest.raises(TestSplitSelectionError):
-        experiments.run_ablation(str(tmp_path / "a"), None, ["student", "kd"], [0],
-                                 extra_flags="--eval_split=test", launcher=fake, log=quiet)
+        campaigns.run_ablation(str(tmp_path / "a"), None, ["student", "kd"], [0],
+                               extra_flags="--eval_split=test", launcher=fake, log=quiet)
     assert fake.calls == []
-    summary = experiments.run_ablation(str(tmp_path / "b"), None, ["student", "kd"], [0, 1],
-                                       extra_flags="--eval_split=test", final_report=True, launcher=fake, log=quiet)
+    summary = campaigns.run_ablation(str(tmp_path / "b"), None, ["student", "kd"], [0, 1],
+                                     extra_flags="--eval_split=test", final_report=True, launcher=fake, log=quiet)
     assert summary["final_report"] and summary["splits"]["eval_split"] == "test"
 
 
@@ -254,16 +254,16 @@ def test_compression_sweep_with_fake_latency(tmp_path):
         measured.append(keep)
         return {"inference_median_ms": 0.1 * keep, "inference_avg_ms": 0.11 * keep}
 
-    report = experiments.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
-                                               latency_fn=latency_fn, launcher=fake, log=quiet)
+    report = campaigns.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
+                                             latency_fn=latency_fn, launcher=fake, log=quiet)
     assert len(fake.calls) == 8 and sorted(measured) == [4, 14]
     assert {call["keep_blocks"] for call in fake.calls} == {"14", "4"}
     point = next(p for p in report["points"] if p["keep_blocks"] == 4 and p["arm"] == "kd")
     assert point["mean"] == pytest.approx(85.25) and point["latency_ms"] == pytest.approx(0.4)
     assert point["trainable_params"] == 4000 and point["vs_reference"]["mean_diff"] == pytest.approx(1.0)
     assert os.path.isfile(os.path.join(out, "sweep.png")) and os.path.isfile(os.path.join(out, "sweep.md"))
-    experiments.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
-                                      latency_fn=latency_fn, launcher=fake, log=quiet)
+    campaigns.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
+                                    latency_fn=latency_fn, launcher=fake, log=quiet)
     assert len(fake.calls) == 8 and len(measured) == 2  # runs and latencies are cached
 
 
@@ -296,7 +296,7 @@ def test_find_fp32_tflite(tmp_path):
     exported.write_bytes(b"x")
     (tmp_path / "student_int8.tflite").write_bytes(b"x")
     results = {"tflite": {"fp32": {"path": str(exported)}, "int8": {"path": str(tmp_path / "student_int8.tflite")}}}
-    assert experiments.find_fp32_tflite(results, str(tmp_path)) == str(exported)
-    assert experiments.find_fp32_tflite({}, str(tmp_path)) == str(exported)  # found by name
+    assert campaigns.find_fp32_tflite(results, str(tmp_path)) == str(exported)
+    assert campaigns.find_fp32_tflite({}, str(tmp_path)) == str(exported)  # found by name
     exported.unlink()
-    assert experiments.find_fp32_tflite(results, str(tmp_path)) is None
+    assert campaigns.find_fp32_tflite(results, str(tmp_path)) is None

@@ -1,0 +1,282 @@
+"""Campaign reports: per-arm statistics, markdown tables and matplotlib plots of the run rows.
+
+Rows are what ``experiments.run_campaign`` returns; only finished runs count. matplotlib
+is imported when a plot is drawn, not with the module.
+"""
+import kdig_tf  # noqa: F401
+
+import math
+
+import numpy as np
+
+from kdig_tf import stats
+from kdig_tf.experiments import FINISHED, SHUFFLED_SUFFIX, format_flag_value
+from kdig_tf.io_utils import atomic_path
+
+
+# --------------------------------------------------------------------------- summaries
+
+def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=0.95):
+    """Per arm: n, mean, sd, min, max of ``metric`` over finished runs, and tests vs ``reference``.
+
+    ``vs_reference`` is Welch's test, Cohen's d, Hedges' g and the mean difference with its
+    CI; ``p_holm`` adjusts the p-values over all arms tested against the reference. An arm
+    ``X_shuffled`` is also compared with ``X`` (``vs_aligned``): the misalignment control.
+    """
+    arms, values, seeds, unfinished = [], {}, {}, {}
+    for row in rows:
+        arm = row["arm"]
+        if arm not in values:
+            arms.append(arm)
+            values[arm], seeds[arm], unfinished[arm] = [], [], []
+        if row["status"] in FINISHED and row.get(metric) is not None:
+            values[arm].append(float(row[metric]))
+            seeds[arm].append(row.get("seed"))
+        elif row["status"] not in FINISHED:
+            unfinished[arm].append(row["run"])
+    summary = {}
+    for arm in arms:
+        entry = {"n": 0} if not values[arm] else stats.summarize(values[arm])
+        entry.update(values=values[arm], seeds=seeds[arm], unfinished=unfinished[arm])
+        if arm != reference and values[arm] and values.get(reference):
+            entry["vs_reference"] = stats.compare(values[arm], values[reference], confidence)
+        aligned = arm[:-len(SHUFFLED_SUFFIX)] if arm.endswith(SHUFFLED_SUFFIX) else None
+        if aligned and values[arm] and values.get(aligned):
+            entry["vs_aligned"] = dict(stats.compare(values[arm], values[aligned], confidence), arm=aligned)
+        summary[arm] = entry
+    tested = [arm for arm in arms if "vs_reference" in summary[arm]]
+    for arm, adjusted in zip(tested, stats.holm([summary[arm]["vs_reference"]["p"] for arm in tested])):
+        summary[arm]["vs_reference"]["p_holm"] = adjusted
+    return summary
+
+
+def rank_trials(rows, params):
+    """Trials sorted by mean validation accuracy (best first); trials with no finished run last."""
+    trials = {}
+    for row in rows:
+        entry = trials.setdefault(row["trial"], {
+            "trial": row["trial"], "params": {name: row[name] for name in params},
+            "values": [], "seeds": [], "unfinished": [], "workdirs": []})
+        entry["workdirs"].append(row["workdir"])
+        if row["status"] in FINISHED and row.get("val_accuracy") is not None:
+            entry["values"].append(float(row["val_accuracy"]))
+            entry["seeds"].append(row["seed"])
+        elif row["status"] not in FINISHED:
+            entry["unfinished"].append(row["run"])
+    ranked = []
+    for entry in trials.values():
+        if entry["values"]:
+            entry.update(stats.summarize(entry["values"]))
+        else:
+            entry.update(n=0, mean=None, sd=None, min=None, max=None)
+        entry["complete"] = not entry["unfinished"]
+        ranked.append(entry)
+    # Complete trials first; a trial with a failed seed must not win on fewer seeds.
+    ranked.sort(key=lambda e: (not e["complete"], e["mean"] is None, -(e["mean"] or 0.0), e["trial"]))
+    for rank, entry in enumerate(ranked, 1):
+        entry["rank"] = rank
+    return stats.finite_or_none(ranked)
+
+
+def sweep_points(rows, keep_blocks, arms, latency, reference="student"):
+    """One point per (keep_blocks, arm): accuracy stats, params, compression, latency."""
+    points = []
+    for keep in keep_blocks:
+        subset = [row for row in rows if row["keep_blocks"] == keep]
+        arm_stats = summarize_arms(subset, "val_accuracy", reference)
+        for arm in arms:
+            finished = [row for row in subset if row["arm"] == arm and row["status"] in FINISHED]
+            first = finished[0] if finished else {}
+            lat = latency.get(keep) or {}
+            points.append(dict(
+                arm_stats.get(arm, {"n": 0}), keep_blocks=keep, arm=arm,
+                trainable_params=first.get("trainable_params"), compression=first.get("compression"),
+                latency_ms=lat.get("inference_median_ms"), latency_avg_ms=lat.get("inference_avg_ms")))
+    return stats.finite_or_none(points)
+
+
+# --------------------------------------------------------------------------- markdown tables
+
+def _fmt(value, spec=".2f"):
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def _fmt_p(value):
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return "<1e-4" if value < 1e-4 else f"{value:.4f}"
+
+
+def arms_markdown(arms, reference, metric_label):
+    lines = [
+        f"| arm | n | {metric_label} mean ± sd | min | max | Δ vs {reference} [95% CI] | t | dof | p | p (Holm) "
+        f"| Cohen's d | Hedges' g |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, entry in arms.items():
+        cmp = entry.get("vs_reference")
+        if entry["n"]:
+            spread = f"{_fmt(entry['mean'])} ± {_fmt(entry.get('sd'))}"
+            low, high = _fmt(entry["min"]), _fmt(entry["max"])
+        else:
+            spread, low, high = "no finished runs", "", ""
+        if cmp:
+            tests = [f"{cmp['mean_diff']:+.2f} [{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}]",
+                     _fmt(cmp["t"]), _fmt(cmp["dof"], ".1f"), _fmt_p(cmp["p"]), _fmt_p(cmp.get("p_holm")),
+                     _fmt(cmp["cohens_d"]), _fmt(cmp["hedges_g"])]
+        else:
+            tests = ["(reference)" if arm == reference else "n/a"] + [""] * 6
+        lines.append("| " + " | ".join([arm, str(entry["n"]), spread, low, high, *tests]) + " |")
+    return "\n".join(lines)
+
+
+def ablation_markdown(summary):
+    splits = summary["splits"]
+    lines = [
+        "# Ablation",
+        "",
+        f"Validation accuracy (%) on `{splits['val_split']}`, {summary['protocol']}. Welch's t-test "
+        f"(two-sided) and effect sizes against `{summary['reference']}`; Holm's adjustment over the arms "
+        f"tested against it.",
+        "",
+        arms_markdown(summary["arms"], summary["reference"], "val acc"),
+    ]
+    for arm, entry in summary["arms"].items():
+        if "vs_aligned" in entry:
+            cmp = entry["vs_aligned"]
+            lines += ["", f"Misalignment control: `{arm}` - `{cmp['arm']}` = {cmp['mean_diff']:+.2f} "
+                          f"[{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}], "
+                          f"p = {_fmt_p(cmp['p'])} (Welch), Hedges' g = {_fmt(cmp['hedges_g'])}."]
+    if summary.get("eval_arms"):
+        lines += ["", f"## Final report on `{splits['eval_split']}`", "",
+                  arms_markdown(summary["eval_arms"], summary["reference"], "eval acc")]
+    unfinished = [name for entry in summary["arms"].values() for name in entry["unfinished"]]
+    if unfinished:
+        lines += ["", f"Unfinished runs (rerun the same command to retry): {', '.join(unfinished)}"]
+    lines += ["", "## Commands", ""]
+    for arm, entry in summary["arms"].items():
+        lines += [f"- `{arm}`:"] + [f"  - `{command}`" for command in entry["commands"]]
+    return "\n".join(lines) + "\n"
+
+
+def trials_markdown(ranked, params, val_split, method):
+    header = " | ".join(params)
+    lines = [
+        "# Hyper-parameter search",
+        "",
+        f"Method `{method}`, scored on the validation split `{val_split}` only (mean over seeds).",
+        "",
+        f"| rank | trial | {header} | n | val acc mean ± sd | status |",
+        "|" + "---|" * (len(params) + 5),
+    ]
+    for entry in ranked:
+        values = " | ".join(format_flag_value(entry["params"][name]) for name in params)
+        status = "complete" if entry["complete"] else f"unfinished: {', '.join(entry['unfinished'])}"
+        lines.append(f"| {entry['rank']} | {entry['trial']} | {values} | {entry['n']} "
+                     f"| {_fmt(entry['mean'])} ± {_fmt(entry['sd'])} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(points, val_split, reference):
+    lines = [
+        "# Compression sweep",
+        "",
+        f"Validation accuracy (%) on `{val_split}`; latency = median fp32 TFLite inference, batch 1, "
+        f"1 thread (one measurement per architecture). Δ is against `{reference}` at the same size.",
+        "",
+        "| keep_blocks | compression | params | latency (ms) | arm | n | val acc mean ± sd | Δ [95% CI] | p |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for point in points:
+        cmp = point.get("vs_reference")
+        delta = (f"{cmp['mean_diff']:+.2f} [{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}] "
+                 f"| {_fmt_p(cmp['p'])}") if cmp else " | "
+        compression = _fmt(point["compression"]) + "x" if point["compression"] is not None else "n/a"
+        params = f"{point['trainable_params']:,}" if point["trainable_params"] is not None else "n/a"
+        spread = f"{_fmt(point['mean'])} ± {_fmt(point.get('sd'))}" if point["n"] else "no finished runs"
+        lines.append(f"| {point['keep_blocks']} | {compression} | {params} | {_fmt(point['latency_ms'], '.3f')} "
+                     f"| {point['arm']} | {point['n']} | {spread} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_arms(arms, path, ylabel, title):
+    """One column per arm: every seed as a point, the mean ± sd as a bar with error bars."""
+    plt = _pyplot()
+    names = list(arms)
+    figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 4.0))
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
+    for x, arm in enumerate(names):
+        entry = arms[arm]
+        if not entry["n"]:
+            continue
+        sd = entry.get("sd")
+        axes.bar(x, entry["mean"], width=0.6, color="C0", alpha=0.25)
+        axes.errorbar(x, entry["mean"], yerr=sd if sd is not None else None, fmt="_", color="k",
+                      capsize=6, markersize=20, zorder=3)
+        jitter = rng.uniform(-0.15, 0.15, size=len(entry["values"]))
+        axes.scatter(x + jitter, entry["values"], s=16, color="C1", zorder=4)
+    finished = [value for arm in names for value in arms[arm]["values"]]
+    if finished:
+        low, high = min(finished), max(finished)
+        pad = max(0.5, 0.15 * (high - low))
+        axes.set_ylim(low - pad, high + pad)  # bars from zero would hide sub-point differences
+    axes.set_xticks(range(len(names)))
+    axes.set_xticklabels([f"{arm}\n(n={arms[arm]['n']})" for arm in names])
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=150, format="png")
+    plt.close(figure)
+
+
+def plot_sweep(points, path, val_split):
+    """Accuracy vs compression (log x), one line per arm, latency written above each size."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    arms = list(dict.fromkeys(point["arm"] for point in points))
+    for index, arm in enumerate(arms):
+        mine = sorted((p for p in points if p["arm"] == arm and p["n"] and p["compression"]),
+                      key=lambda p: p["compression"])
+        if mine:
+            axes.errorbar([p["compression"] for p in mine], [p["mean"] for p in mine],
+                          yerr=[p.get("sd") or 0.0 for p in mine], marker="o", capsize=3,
+                          label=arm, color=f"C{index}")
+    labelled = {}
+    for point in points:
+        if point["n"] and point["compression"]:
+            best = labelled.get(point["keep_blocks"])
+            if best is None or point["mean"] > best["mean"]:
+                labelled[point["keep_blocks"]] = point
+    for point in labelled.values():
+        if point["latency_ms"] is not None:
+            axes.annotate(f"k={point['keep_blocks']}\n{point['latency_ms']:.2f} ms",
+                          (point["compression"], point["mean"]), textcoords="offset points", xytext=(0, 10),
+                          ha="center", fontsize=7)
+    axes.set_xscale("log")
+    ticks = sorted({point["compression"] for point in points if point["compression"]})
+    if ticks:
+        axes.set_xticks(ticks, [f"{tick:.{2 if tick < 10 else 1 if tick < 100 else 0}f}x" for tick in ticks])
+        axes.minorticks_off()
+    axes.set_xlabel("compression (teacher params / student params, log scale)")
+    axes.set_ylabel(f"validation accuracy (%) on {val_split}")
+    axes.set_title("Accuracy vs compression (fp32 TFLite latency, batch 1, 1 thread)")
+    axes.grid(alpha=0.3, which="both")
+    if arms:
+        axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=150, format="png")
+    plt.close(figure)

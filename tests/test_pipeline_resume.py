@@ -1,0 +1,160 @@
+"""Resuming a distillation run: after a kill mid-training, after training, and with other flags."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+import tf_keras as keras
+
+from kdig_tf import data, models, pipeline
+from kdig_tf.errors import StaleRunError
+
+EPOCHS = 3
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class KillAtEpochEnd(keras.callbacks.Callback):
+    """Raises after ``epoch`` was logged and backed up, as a kill between epochs would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise SimulatedKill(f"killed after epoch {epoch}")
+
+
+class KillAtTrainEnd(keras.callbacks.Callback):
+    def on_train_end(self, logs=None):
+        raise SimulatedKill("killed after training, before evaluation and export")
+
+
+class EpochCounter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.h5")
+    models.build_teacher(width_multiplier=0.25).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _mock_cifar():
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        yield
+
+
+def _config(teacher_path, **overrides):
+    settings = dict(method="kd_ig", teacher=teacher_path, train_split="train", val_split="train", epochs=EPOCHS,
+                    batch_size=4, keep_blocks=2, ig_steps=2, examples_per_shard=5, export_modes="", verbose=0)
+    settings.update(overrides)
+    return pipeline.DistillConfig(**settings)
+
+
+def _logged_epochs(workdir):
+    return pipeline.read_history(os.path.join(workdir, pipeline.HISTORY)).get("epoch", [])
+
+
+def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(SimulatedKill):
+        pipeline.run_distillation(_config(teacher_path), workdir, progress=False,
+                                  extra_callbacks=[KillAtEpochEnd(1)])
+    assert not os.path.exists(os.path.join(workdir, pipeline.RESULTS))
+    assert not os.path.exists(os.path.join(workdir, pipeline.STUDENT))
+    assert _logged_epochs(workdir) == [0.0, 1.0]
+
+    counter = EpochCounter()
+    results = pipeline.run_distillation(_config(teacher_path), workdir, progress=False, extra_callbacks=[counter])
+    assert counter.epochs == [2]  # epochs 0 and 1 were not trained again
+    assert _logged_epochs(workdir) == [0.0, 1.0, 2.0]
+    assert results["epochs_logged"] == EPOCHS
+    assert len(results["history"]["epoch_seconds"]) == EPOCHS
+    assert results["train_seconds"] == pytest.approx(sum(results["history"]["epoch_seconds"]))
+    assert results["train_seconds"] > 0
+    # Validation sees cached teacher logits, so its KD term is real, not a placeholder zero.
+    assert all(value > 0 for value in results["history"]["val_kd_loss"])
+    assert not pipeline._holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
+
+
+def test_run_killed_after_training_only_redoes_evaluation_and_export(tmp_path, teacher_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(SimulatedKill):
+        pipeline.run_distillation(_config(teacher_path), workdir, progress=False, extra_callbacks=[KillAtTrainEnd()])
+    student_path = os.path.join(workdir, pipeline.STUDENT)
+    assert os.path.exists(student_path) and not os.path.exists(os.path.join(workdir, pipeline.RESULTS))
+    trained = keras.models.load_model(student_path, compile=False).get_weights()
+
+    counter = EpochCounter()
+    results = pipeline.run_distillation(_config(teacher_path, export_modes="fp32"), workdir, progress=False,
+                                        extra_callbacks=[counter])
+    assert counter.epochs == []
+    assert results["epochs_logged"] == EPOCHS and "fp32" in results["tflite"]
+    for before, after in zip(trained, keras.models.load_model(student_path, compile=False).get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_finished_run_is_returned_without_work_and_other_settings_are_refused(tmp_path, teacher_path):
+    workdir = str(tmp_path / "run")
+    first = pipeline.run_distillation(_config(teacher_path), workdir, progress=False)
+    results_path = os.path.join(workdir, pipeline.RESULTS)
+    stamp = os.stat(results_path).st_mtime_ns
+
+    assert pipeline.run_distillation(_config(teacher_path), workdir, progress=False) == first
+    assert os.stat(results_path).st_mtime_ns == stamp
+
+    with pytest.raises(StaleRunError, match="alpha"):
+        pipeline.run_distillation(_config(teacher_path, alpha=0.5), workdir, progress=False)
+    with pytest.raises(StaleRunError, match="seed"):
+        pipeline.run_distillation(_config(teacher_path, seed=1), workdir, progress=False)
+    assert os.stat(results_path).st_mtime_ns == stamp
+
+
+def test_partial_run_with_another_teacher_is_refused(tmp_path, teacher_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(SimulatedKill):
+        pipeline.run_distillation(_config(teacher_path), workdir, progress=False, extra_callbacks=[KillAtEpochEnd(0)])
+    other = str(tmp_path / "other_teacher.h5")
+    models.build_teacher(width_multiplier=0.25).save(other)
+    with pytest.raises(StaleRunError, match="teacher"):
+        pipeline.run_distillation(_config(other, store_dir=str(tmp_path / "store2")), workdir, progress=False)
+
+
+def test_workdir_with_an_unrecorded_run_is_refused(tmp_path, teacher_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / pipeline.HISTORY).write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(StaleRunError, match="unrecorded"):
+        pipeline.run_distillation(_config(teacher_path), str(workdir), progress=False)
+
+
+def test_read_history_keeps_the_last_row_of_a_repeated_epoch(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,3.0\n1,2.0\n1,1.5\n2,1.0\n")
+    assert pipeline.read_history(str(path)) == {"epoch": [0.0, 1.0, 2.0], "loss": [3.0, 1.5, 1.0]}
+
+
+def test_validation_dataset_pairs_each_image_with_its_own_teacher_logits(teacher_path):
+    teacher = keras.models.load_model(teacher_path, compile=False)
+    raw, _ = data.load("cifar10", "train")
+    batches = list(pipeline.validation_dataset(raw, teacher, batch_size=5))
+    assert [len(batch) for batch in batches] == [3, 3, 3] and sum(len(b[1]) for b in batches) == 12
+    images = np.concatenate([image[None] for image, _, _ in raw.as_numpy_iterator()])
+    labels = np.array([label for _, label, _ in raw.as_numpy_iterator()])
+    inputs, got_labels, logits = (np.concatenate(parts) for parts in zip(*batches))
+    np.testing.assert_allclose(inputs, images / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(got_labels, labels)
+    expected = teacher(data.preprocess_teacher(tf.constant(images)), training=False).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
