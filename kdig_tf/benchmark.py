@@ -1,15 +1,32 @@
-"""Honest TFLite latency: LiteRT interpreter timings, model size, parameters, MACs, peak RSS.
+"""Honest TFLite latency: LiteRT interpreter timings, model size, parameters, MACs, RSS.
 
 Timings follow TFLite's ``benchmark_model`` names: *init* (load the model, build the
 interpreter, apply the default XNNPACK delegate, allocate tensors), *first inference*,
 *warmup avg* (over the warmup runs, the first included) and *inference avg* (over the
-measured runs), plus median and p90. Only ``invoke()`` is timed; the input is set once.
+measured runs), plus median, p90, min and the sample standard deviation (ddof=1; None
+for a single run). Only ``invoke()`` is timed; the input is set once.
 
 By default each measurement runs in a fresh subprocess that imports only numpy and
 LiteRT (not TensorFlow), so its peak RSS belongs to that one model: in-process,
 ``ru_maxrss`` is a process-wide high-water mark dominated by TensorFlow itself and
 never decreases from one model to the next. The child is also free of TensorFlow's
 thread pools, which would otherwise compete with the interpreter for the cores.
+
+Memory (Linux, from ``/proc/self/status``): ``peak_rss_mb`` is the process's overall
+peak (VmHWM after the runs, the imports included), the figure ``benchmark_model`` calls
+"overall peak memory footprint". ``baseline_rss_mb`` is the *current* resident set
+(VmRSS) just before the model is loaded, after numpy and LiteRT are imported.
+``model_rss_mb`` is the peak resident set while the model is loaded and run minus that
+baseline. In the worker the high-water mark is reset (``/proc/self/clear_refs``) right
+after reading the baseline, so the peak counts only the model's phase and
+``model_rss_method`` says ``exact``; where the reset is impossible (in-process, where it
+would disturb the caller's own accounting, or a kernel that refuses it) the process-wide
+peak is used and the figure is an ``upper bound`` (an import that peaked above steady use
+inflates it, never hides model memory). Without ``/proc`` (macOS) ``peak_rss_mb`` comes
+from ``ru_maxrss`` and ``baseline_rss_mb``/``model_rss_mb`` are None.
+
+``benchmark_models`` times the models in interleaved rounds (A B C, A B C, ...) and
+reports medians over rounds and per-round speed-up ratios; see its docstring.
 
 TensorFlow is imported lazily (MAC counting, tables need none of it), which keeps the
 subprocess light: ``python -m kdig_tf.benchmark '<json>'`` is the worker entry point.
@@ -30,7 +47,7 @@ from kdig_tf.errors import InvalidArgumentError, NotAModelError
 
 LATENCY_KEYS = ("init_ms", "first_inference_ms", "warmup_avg_ms", "inference_avg_ms",
                 "inference_median_ms", "inference_p90_ms", "inference_min_ms", "inference_std_ms")
-MEMORY_KEYS = ("peak_rss_mb", "baseline_rss_mb", "model_rss_mb", "rss_scope")
+MEMORY_KEYS = ("peak_rss_mb", "baseline_rss_mb", "model_rss_mb", "model_rss_method", "rss_scope")
 
 
 # --------------------------------------------------------------------------- MACs
@@ -66,22 +83,40 @@ def count_macs(model):
 
 # --------------------------------------------------------------------------- latency
 
-def _rss_mb():
-    """Peak resident memory of this process so far, in MiB.
+def _proc_status_mb(field):
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss_mb():
+    """Peak resident memory of this process so far (since the last reset), in MiB.
 
     On Linux this reads VmHWM: ``ru_maxrss`` survives ``exec``, so a worker forked from
     a parent holding TensorFlow would report the parent's ~1 GB peak.
     """
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 1.0 / 1024 if sys.platform != "darwin" else 1.0 / (1024 * 1024)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak_rss():
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); True if it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _random_input(detail, rng):
@@ -99,11 +134,23 @@ def _check_counts(batch_size, num_threads, warmup_runs, num_runs):
             f"{batch_size}, {num_threads}, {warmup_runs}, {num_runs}")
 
 
-def _measure(path, batch_size, num_threads, warmup_runs, num_runs, seed=0):
-    """Time the interpreter in this process; returns the latency dict (ms) plus RSS."""
+def _sample_std(values):
+    """Sample standard deviation (ddof=1), as elsewhere in the project; None for n < 2."""
+    values = np.asarray(values, dtype=float)
+    return float(values.std(ddof=1)) if values.size > 1 else None
+
+
+def _measure(path, batch_size, num_threads, warmup_runs, num_runs, seed=0, reset_peak=False):
+    """Time the interpreter in this process; returns the latency dict (ms) plus memory (MiB).
+
+    ``reset_peak`` resets the process's VmHWM before loading the model so ``model_rss_mb``
+    is exact (the worker does; in-process it would clobber the caller's high-water mark).
+    """
     from ai_edge_litert.interpreter import Interpreter
 
-    baseline_rss = _rss_mb()
+    import_peak_rss = _peak_rss_mb()              # Python, numpy, LiteRT: before the model
+    baseline_rss = _proc_status_mb("VmRSS")       # resident now, not a peak
+    reset = reset_peak and baseline_rss is not None and _reset_peak_rss()
     start = time.perf_counter()
     interpreter = Interpreter(model_path=path, num_threads=num_threads)
     detail = interpreter.get_input_details()[0]
@@ -122,7 +169,14 @@ def _measure(path, batch_size, num_threads, warmup_runs, num_runs, seed=0):
 
     warmup = [timed_invoke() for _ in range(warmup_runs)]
     runs = np.array([timed_invoke() for _ in range(num_runs)])
-    peak_rss = _rss_mb()
+    after_peak_rss = _peak_rss_mb()               # since the reset if there was one
+    peak_rss = max(import_peak_rss, after_peak_rss)
+    if baseline_rss is None:
+        model_rss, method = None, "unavailable (no /proc/self/status)"
+    elif reset:
+        model_rss, method = after_peak_rss - baseline_rss, "exact (VmHWM reset before loading the model)"
+    else:
+        model_rss, method = peak_rss - baseline_rss, "upper bound (process-wide VmHWM, imports included)"
     return {
         "init_ms": init_ms,
         "first_inference_ms": warmup[0],
@@ -131,10 +185,11 @@ def _measure(path, batch_size, num_threads, warmup_runs, num_runs, seed=0):
         "inference_median_ms": float(np.median(runs)),
         "inference_p90_ms": float(np.percentile(runs, 90)),
         "inference_min_ms": float(runs.min()),
-        "inference_std_ms": float(runs.std()),
+        "inference_std_ms": _sample_std(runs),
         "peak_rss_mb": peak_rss,
         "baseline_rss_mb": baseline_rss,
-        "model_rss_mb": peak_rss - baseline_rss,
+        "model_rss_mb": model_rss,
+        "model_rss_method": method,
     }
 
 
@@ -172,7 +227,7 @@ def measure_latency(path, batch_size=1, num_threads=1, warmup_runs=5, num_runs=5
 def _worker_main(argv):
     request = json.loads(argv[1])
     try:
-        result = _measure(**request)
+        result = _measure(**request, reset_peak=True)
     except (ValueError, RuntimeError) as err:
         result = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
     print(json.dumps(result))
@@ -216,33 +271,90 @@ def build_model(spec, num_classes=10, input_shape=(32, 32, 3)):
 
 # --------------------------------------------------------------------------- tables
 
+ROUND_KEYS = LATENCY_KEYS + ("peak_rss_mb", "baseline_rss_mb", "model_rss_mb")
+SPEEDUP_KEYS = (("speedup_vs_reference", "inference_avg_ms"),
+                ("median_speedup_vs_reference", "inference_median_ms"))
+
+
 def benchmark_models(entries, batch_sizes=(1, 64), num_threads=1, warmup_runs=(5,), num_runs=(50,),
-                     isolate=True, reference=("teacher", "fp32")):
+                     isolate=True, reference=("teacher", "fp32"), num_rounds=3, measure_fn=None):
     """Measure every ``entries`` model at every batch size; returns the report dict.
 
     Each entry is a dict with ``name``, ``mode``, ``path`` (.tflite), ``params`` and ``macs``.
     ``warmup_runs``/``num_runs`` give one value per batch size (the last one repeats).
-    Speed-ups are relative to the ``reference`` (name, mode) entry at the same batch size,
-    measured in this same call, so background load affects both sides alike.
+
+    At each batch size the models are timed in ``num_rounds`` interleaved rounds
+    (A B C, A B C, ...; each measurement a fresh ``measure_fn`` call, by default
+    ``measure_latency``, i.e. a fresh subprocess). Every row keeps its per-round results
+    under ``rounds``. The row's latencies are the median over rounds of each round's
+    value (``inference_median_ms`` is the median of per-round medians, ``inference_p90_ms``
+    the median of per-round p90s, ``inference_std_ms`` the median of per-round sample SDs,
+    and so on for init, first inference, warmup avg and avg), except ``inference_min_ms``,
+    the minimum over all rounds. Memory: ``peak_rss_mb`` and ``model_rss_mb`` are the
+    maximum over rounds, ``baseline_rss_mb`` the median.
+
+    Speed-ups are relative to the ``reference`` (name, mode) entry at the same batch size:
+    in round r the ratio is reference latency in round r / row latency in round r, and
+    ``speedup_vs_reference`` (from the avg) and ``median_speedup_vs_reference`` (from the
+    median) are the medians of those ratios over rounds, with ``_min``/``_max`` over rounds
+    beside them. Models never run at the same time, so load that changes between two
+    measurements still shows up in a ratio; interleaving spreads slow drifts over all
+    models instead of charging them to whichever model ran during them, and the min-max
+    range shows how much the ratio moved. It is not a guarantee that load hit all
+    models alike.
     """
     if not entries:
         raise InvalidArgumentError("nothing to benchmark")
+    num_rounds = int(num_rounds)
+    if num_rounds < 1:
+        raise InvalidArgumentError(f"num_rounds must be >= 1, got {num_rounds}")
+    measure_fn = measure_fn or measure_latency
     batch_sizes = [int(size) for size in batch_sizes]
     env = environment()
     rows = []
     for index, batch_size in enumerate(batch_sizes):
         warmup = _per_batch(warmup_runs, index)
         runs = _per_batch(num_runs, index)
-        for entry in entries:
-            latency = measure_latency(entry["path"], batch_size, num_threads, warmup, runs, isolate)
+        results = [[] for _ in entries]
+        for _ in range(num_rounds):
+            for position, entry in enumerate(entries):
+                results[position].append(measure_fn(entry["path"], batch_size=batch_size, num_threads=num_threads,
+                                                    warmup_runs=warmup, num_runs=runs, isolate=isolate))
+        for entry, rounds in zip(entries, results):
+            summary = _summarise_rounds(rounds)
             rows.append(dict(
                 model=entry["name"], mode=entry["mode"], batch_size=batch_size, num_threads=int(num_threads),
-                warmup_runs=warmup, num_runs=runs, file_size_bytes=os.path.getsize(entry["path"]),
-                params=int(entry["params"]), macs=int(entry["macs"]), path=entry["path"],
-                per_image_ms=latency["inference_avg_ms"] / batch_size, **latency))
+                warmup_runs=warmup, num_runs=runs, num_rounds=num_rounds,
+                file_size_bytes=os.path.getsize(entry["path"]), params=int(entry["params"]),
+                macs=int(entry["macs"]), path=entry["path"],
+                per_image_ms=summary["inference_avg_ms"] / batch_size, **summary,
+                rounds=[{key: result.get(key) for key in ROUND_KEYS} for result in rounds]))
     _add_speedups(rows, reference)
     env["load_average_end"] = _load_average()
-    return {"rows": rows, "reference": {"model": reference[0], "mode": reference[1]}, "environment": env}
+    return {"rows": rows, "reference": {"model": reference[0], "mode": reference[1]}, "num_rounds": num_rounds,
+            "environment": env}
+
+
+def _median(values):
+    values = [value for value in values if value is not None]
+    return float(np.median(values)) if values else None
+
+
+def _extreme(function, values):
+    values = [value for value in values if value is not None]
+    return float(function(values)) if values else None
+
+
+def _summarise_rounds(rounds):
+    """One row's figures from its per-round ``measure_fn`` results (see ``benchmark_models``)."""
+    summary = {key: _median([result.get(key) for result in rounds]) for key in LATENCY_KEYS}
+    summary["inference_min_ms"] = _extreme(min, [result.get("inference_min_ms") for result in rounds])
+    summary["peak_rss_mb"] = _extreme(max, [result.get("peak_rss_mb") for result in rounds])
+    summary["baseline_rss_mb"] = _median([result.get("baseline_rss_mb") for result in rounds])
+    summary["model_rss_mb"] = _extreme(max, [result.get("model_rss_mb") for result in rounds])
+    summary["model_rss_method"] = rounds[0].get("model_rss_method")
+    summary["rss_scope"] = rounds[0].get("rss_scope")
+    return summary
 
 
 def _per_batch(values, index):
@@ -251,13 +363,22 @@ def _per_batch(values, index):
 
 
 def _add_speedups(rows, reference):
+    """Per-round ratios against the reference row, and their median, min and max over rounds."""
     for row in rows:
         base = next((other for other in rows if other["model"] == reference[0]
                      and other["mode"] == reference[1] and other["batch_size"] == row["batch_size"]), None)
-        row["speedup_vs_reference"] = base["inference_avg_ms"] / row["inference_avg_ms"] if base else None
-        # The median shrugs off the latency spikes of a loaded machine.
-        row["median_speedup_vs_reference"] = (
-            base["inference_median_ms"] / row["inference_median_ms"] if base else None)
+        for key, latency in SPEEDUP_KEYS:
+            ratios = []
+            for index, result in enumerate(row["rounds"]):
+                base_value = base["rounds"][index].get(latency) if base and index < len(base["rounds"]) else None
+                value = result.get(latency)
+                ratio = base_value / value if base_value is not None and value else None
+                result[key] = ratio
+                ratios.append(ratio)
+            # Medians shrug off the latency spikes of a loaded machine; min/max show the spread.
+            row[key] = _median(ratios)
+            row[key + "_min"] = _extreme(min, ratios)
+            row[key + "_max"] = _extreme(max, ratios)
         row["mac_ratio_vs_reference"] = base["macs"] / row["macs"] if base and row["macs"] else None
 
 
@@ -289,6 +410,7 @@ MARKDOWN_COLUMNS = (
     ("ms/image", "per_image_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.1f}"),
     ("speedup (avg)", "speedup_vs_reference", "{:.2f}x"),
     ("speedup (median)", "median_speedup_vs_reference", "{:.2f}x"),
+    ("speedup range (median)", "median_speedup_vs_reference_min", None),
 )
 
 
@@ -306,15 +428,21 @@ def to_markdown(report):
                 cells.append(f"{value / 1e6:.1f}")
             elif key == "file_size_bytes":
                 cells.append(f"{value / 1024:.0f}")
+            elif key == "median_speedup_vs_reference_min":
+                cells.append(f"{value:.2f}-{row.get('median_speedup_vs_reference_max', value):.2f}x")
             else:
                 cells.append(fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     reference = report["reference"]
     env = report["environment"]
+    num_rounds = report.get("num_rounds", report["rows"][0].get("num_rounds", 1))
     lines += [
         "",
-        f"Speed-up = latency of {reference['model']} ({reference['mode']}) / latency of the row (avg or "
-        "median), same batch size, measured in the same run.",
+        f"Models timed in {num_rounds} interleaved round(s) (A B C, A B C, ...); latencies are the median "
+        "over rounds of each round's figure (min: over all rounds).",
+        f"Speed-up = median over rounds of (latency of {reference['model']} ({reference['mode']}) in round r / "
+        "latency of the row in round r), avg or median, same batch size; range = min-max of the median "
+        "ratio over rounds.",
         f"LiteRT {env['ai_edge_litert']} (XNNPACK), {env['cpu_count']} CPUs, {env['machine']}, "
         f"load average {env['load_average']} at start, {env.get('load_average_end')} at end. "
         f"Peak RSS: {report['rows'][0]['rss_scope']}.",

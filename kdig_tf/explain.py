@@ -13,6 +13,7 @@ import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 
 import contextlib
 import dataclasses
+import hashlib
 
 import numpy as np
 import scipy.ndimage
@@ -178,20 +179,54 @@ def _topk_count(num_pixels, fraction):
     return max(1, int(round(fraction * num_pixels)))
 
 
-def topk_mask(maps, fraction=0.1):
-    """Boolean [B,N] mask of the pixels whose value is >= the k-th largest, k = fraction*N.
+def _tie_keys(flat):
+    """[B,N] secondary sort keys: a pseudo-random permutation of the pixels per map, seeded
+    by a hash of that map's values (so identical maps get identical keys)."""
+    keys = np.empty(flat.shape, np.float64)
+    for row, values in enumerate(flat):
+        # + 0.0 turns -0.0 into 0.0 so that equal maps hash equally.
+        digest = hashlib.sha256(np.ascontiguousarray(values + 0.0, "<f8").tobytes()).digest()
+        keys[row] = np.random.default_rng(int.from_bytes(digest[:8], "little")).random(flat.shape[1])
+    return keys
 
-    Ties at the threshold are all included (the set may exceed k), so no tie is broken by
-    position and identical maps always give identical sets.
+
+def topk_mask(maps, fraction=0.1):
+    """Boolean [B,N] mask of exactly k = round(fraction*N) pixels (at least 1) per map: the
+    k largest values.
+
+    Ties at the threshold (e.g. a ReLU'd Grad-CAM++ map that is zero on >= 90% of its
+    pixels) are broken by a pseudo-random order of the pixels seeded by a hash of the
+    map's own values: deterministic, identical maps give identical sets, and the tied
+    pixels that fill up the set are a uniform draw, independent between two different
+    maps, as ``topk_iou_chance`` assumes. Breaking ties by position instead would make
+    two maps share their filler pixels and inflate their IoU. ``topk_ties`` tells which
+    maps needed a tie-break.
     """
     flat = np.asarray(maps, np.float64).reshape(len(maps), -1)
     k = _topk_count(flat.shape[1], fraction)
-    threshold = -np.partition(-flat, k - 1, axis=1)[:, k - 1:k]
-    return flat >= threshold
+    # lexsort: last key is primary -> value descending, then the tie key ascending.
+    top = np.lexsort((_tie_keys(flat), -flat), axis=-1)[:, :k]
+    mask = np.zeros(flat.shape, bool)
+    np.put_along_axis(mask, top, True, axis=1)
+    return mask
+
+
+def topk_ties(maps, fraction=0.1):
+    """Boolean [B]: True where the k-th and (k+1)-th largest values of a map are equal, i.e.
+    a tie straddles the top-k threshold (constant maps included) and ``topk_mask`` had to
+    break it. Report ``int(topk_ties(...).sum())`` next to an IoU summary: those maps'
+    top-k sets are partly arbitrary."""
+    flat = np.asarray(maps, np.float64).reshape(len(maps), -1)
+    k = _topk_count(flat.shape[1], fraction)
+    if k >= flat.shape[1]:
+        return np.zeros(len(flat), bool)
+    ordered = -np.partition(-flat, (k - 1, k), axis=1)
+    return ordered[:, k - 1] == ordered[:, k]
 
 
 def topk_iou(map_a, map_b, fraction=0.1):
-    """Intersection over union of the top-``fraction`` pixel sets of two maps, per image."""
+    """Intersection over union of the top-``fraction`` pixel sets (exactly k pixels each, see
+    ``topk_mask``) of two maps, per image."""
     a, b, single = _flatten_pair(map_a, map_b)
     top_a, top_b = topk_mask(a, fraction), topk_mask(b, fraction)
     iou = (top_a & top_b).sum(axis=1) / (top_a | top_b).sum(axis=1)

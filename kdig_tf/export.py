@@ -198,7 +198,9 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
         "source_model": {
             "name": model.name,
             "weights_sha256": weights_sha256(model),
-            "params": int(model.count_params()),
+            # Trainable only, as everywhere else in kdig_tf (count_params adds BN statistics).
+            "params": int(sum(np.prod(weight.shape) for weight in model.trainable_weights)),
+            "params_including_non_trainable": int(model.count_params()),
         },
         "conversion": dict(
             options, mode=mode, int8_io=bool(int8_io), quantization_aware=quantization_aware,
@@ -326,6 +328,14 @@ class TFLiteModel:
     def input_dtype(self):
         return np.dtype(self.input_spec["dtype"])
 
+    def reduced_precision_dtypes(self):
+        """Sorted names of the graph's non-float32 tensor types that carry data (e.g. int8, float16).
+
+        Empty for a pure fp32 model. Integer index tensors (int32 shapes, int64) do not count.
+        """
+        found = {np.dtype(detail["dtype"]).name for detail in self.interpreter.get_tensor_details()}
+        return sorted(found & {"int8", "uint8", "int16", "float16"})
+
     def _resize(self, batch):
         if batch != self._batch:
             self.interpreter.resize_tensor_input(self._input_index, [batch, *self.input_shape])
@@ -418,7 +428,10 @@ def check_export(keras_model, tflite_path, images, labels):
         "top1_agreement": float(np.mean(keras_top1 == lite_top1)),
         # Meaningful for float models; for quantised ones it shows the quantisation error.
         "max_abs_logit_diff": float(np.max(np.abs(logits - reference))),
-        "float_model": lite.input_spec["quantization"] is None and lite.output_spec["quantization"] is None,
+        # An int8 model with float I/O has unquantised I/O tensors, so look inside the graph.
+        "float_io": lite.input_spec["quantization"] is None and lite.output_spec["quantization"] is None,
+        "float_model": not lite.reduced_precision_dtypes(),
+        "reduced_precision_dtypes": lite.reduced_precision_dtypes(),
     }
 
 

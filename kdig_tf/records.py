@@ -246,7 +246,8 @@ def _shard_done(store_dir, shard, num_shards, settings):
         return False
     with open(sidecar) as handle:
         meta = json.load(handle)
-    return meta.get("settings") == settings
+    # A shard damaged after it was finished is recomputed, not carried into the manifest.
+    return meta.get("settings") == settings and meta.get("sha256") == sha256_file(record)
 
 
 def _write_shard(store_dir, shard, num_shards, shard_ds, start, count, teacher_targets, batch_size,

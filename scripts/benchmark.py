@@ -1,14 +1,17 @@
 """Benchmark the teacher and students as TFLite models on this machine's CPU.
 
     python scripts/benchmark.py --models=teacher,student:14 --modes=fp32,int8 \
-        --batch_sizes=1,64 --num_runs=50,10 --output_dir=results/benchmark
+        --batch_sizes=1,64 --num_runs=50,10 --num_rounds=3 --output_dir=results/benchmark
 
 Each ``--models`` spec (``teacher``, ``teacher:<width>``, ``student:<keep_blocks>[:<width>]``
 or ``student:<factor>x``) is built with random weights unless ``--weights`` gives a file
 for it, converted on the fly for every ``--modes`` entry into ``--output_dir``, and timed
-with the LiteRT interpreter (XNNPACK) in a fresh subprocess per measurement. Writes
-``<output_name>.json`` and ``<output_name>.md``; speed-ups are relative to the teacher in
-fp32 at the same batch size, measured in the same run.
+with the LiteRT interpreter (XNNPACK) in a fresh subprocess per measurement. At each batch
+size the models are timed in ``--num_rounds`` interleaved rounds (A B C, A B C, ...);
+latencies are medians over rounds of each round's figure, and the speed-up over the
+teacher in fp32 is the median over rounds of the per-round ratio, with its min and max
+(``kdig_tf.benchmark.benchmark_models``). Writes ``<output_name>.json`` (per-round
+results under each row's ``rounds``) and ``<output_name>.md``.
 
 Latency does not depend on the weights, but int8 accuracy does: with real weights pass
 ``--calibration_split`` so the int8 ranges come from real training images.
@@ -31,6 +34,7 @@ flags.DEFINE_list("batch_sizes", ["1", "64"], "Batch sizes to time.")
 flags.DEFINE_integer("num_threads", 1, "Interpreter threads.")
 flags.DEFINE_list("warmup_runs", ["5", "2"], "Warmup runs per batch size (the last value repeats).")
 flags.DEFINE_list("num_runs", ["50", "10"], "Timed runs per batch size (the last value repeats).")
+flags.DEFINE_integer("num_rounds", 3, "Interleaved rounds (A B C, A B C, ...) per batch size; medians over rounds.")
 flags.DEFINE_bool("isolate", True, "Time each model in a fresh subprocess (honest per-model peak RSS).")
 flags.DEFINE_string("output_dir", "results/benchmark", "Where .tflite files and the report go.")
 flags.DEFINE_string("output_name", "benchmark", "Report file stem (<name>.json, <name>.md).")
@@ -115,6 +119,8 @@ def _benchmark():
     warmup_runs, num_runs = _ints(FLAGS.warmup_runs, "warmup_runs"), _ints(FLAGS.num_runs, "num_runs")
     if FLAGS.num_calibration < 1:
         raise InvalidArgumentError("--num_calibration must be >= 1")
+    if FLAGS.num_rounds < 1:
+        raise InvalidArgumentError(f"--num_rounds must be >= 1, got {FLAGS.num_rounds}")
     keras.utils.set_random_seed(FLAGS.seed)
 
     entries, described = [], []
@@ -139,7 +145,7 @@ def _benchmark():
     if teacher is not None:
         reference = (teacher["name"], "fp32" if "fp32" in FLAGS.modes else FLAGS.modes[0])
     report = benchmark.benchmark_models(entries, batch_sizes, FLAGS.num_threads, warmup_runs, num_runs,
-                                        isolate=FLAGS.isolate, reference=reference)
+                                        isolate=FLAGS.isolate, reference=reference, num_rounds=FLAGS.num_rounds)
     report["models"] = described
     report["command"] = " ".join(sys.argv)
     markdown = benchmark.to_markdown(report)

@@ -4,7 +4,10 @@
 
 ``--weights`` may be a PyTorch state dict (.pt), a full tf-keras model (.h5/.keras), a
 weights-only file (*.weights.h5, with --arch/--keep_blocks) or a TFLite model (.tflite,
-int8 or float). The teacher gets mean/std-normalised inputs, students raw [0, 1].
+int8 or float). The teacher gets mean/std-normalised inputs, students raw [0, 1]. For a
+.tflite the input kind (and mean/std) comes from the sidecar JSON that
+``kdig_tf.export.convert`` writes next to it; only without a sidecar is it guessed from
+the tensor names (the result's ``input_kind_source`` says which).
 """
 import os
 import sys
@@ -85,6 +88,48 @@ def tflite_predictor(path):
     return model.predict, names, int(model.output_spec["shape"][-1])
 
 
+def sidecar_input(path):
+    """(input_kind, mean, std) recorded in the sidecar of the .tflite ``path``; None if it has none.
+
+    mean/std are None for "unit" input, and for "normalized" input whose sidecar records no
+    statistics (then the CIFAR-10 ones apply). A sidecar that exists but cannot be read, is
+    not a kdig_tf sidecar or does not describe the model raises (NotAModelError,
+    SidecarMismatchError) rather than fall back to a guess.
+    """
+    from kdig_tf import export
+    from kdig_tf.errors import NotAModelError
+
+    json_path = export.sidecar_path(path)
+    if not os.path.isfile(json_path):
+        return None
+    spec = export.load_sidecar(path)["input"]
+    kind = spec.get("input_kind")
+    if kind not in export.INPUT_KINDS:
+        raise NotAModelError(
+            f"sidecar {json_path} has input_kind {kind!r}, expected one of {list(export.INPUT_KINDS)}")
+    mean, std = spec.get("mean"), spec.get("std")
+    if kind == "unit" or (mean is None and std is None):
+        return kind, None, None
+    try:
+        mean, std = [float(value) for value in mean], [float(value) for value in std]
+    except (TypeError, ValueError) as err:
+        raise NotAModelError(f"sidecar {json_path} has an invalid mean/std: {err}") from err
+    return kind, mean, std
+
+
+def input_preprocess(kind, mean=None, std=None):
+    """uint8 image -> model input for ``kind``; "normalized" uses ``mean``/``std`` if given
+    (else the CIFAR-10 statistics). Returns (function, mean, std actually used)."""
+    from kdig_tf import data, loading
+
+    if kind != "normalized":
+        return loading.preprocess_for(kind), None, None
+    if mean is None:
+        mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
+    mean, std = [float(value) for value in mean], [float(value) for value in std]
+    return (lambda image: data.normalize_teacher(data.to_unit_range(image), mean, std)), mean, std
+
+
 def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
                    data_dir=None, batch_size=256, limit=0, output_json=None, progress=True):
     """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
@@ -97,19 +142,36 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     if batch_size < 1 or limit < 0:
         raise InvalidArgumentError("batch_size must be >= 1 and limit >= 0")
     loading.check_model_file(weights)
+    recorded = None
     if weights.lower().endswith(".tflite"):
+        from kdig_tf import export
+
+        if output_json and os.path.abspath(output_json) == os.path.abspath(export.sidecar_path(weights)):
+            raise InvalidArgumentError(f"--output_json {output_json} would overwrite the model's sidecar")
         predictor, names, num_outputs = tflite_predictor(weights)
         found_arch, found_keep = loading.describe_names(names)
+        recorded = sidecar_input(weights)
+        names_source = "tensor names"
+        if recorded is None:
+            print(f"warning: no sidecar {export.sidecar_path(weights)}; input kind guessed from "
+                  f"{'--arch' if arch else 'tensor names'}", file=sys.stderr)
     else:
         # num_classes=None: a weights-only file gives its own classifier size.
         model = loading.load_model(weights, arch=arch, keep_blocks=keep_blocks, num_classes=None)
         predictor = keras_predictor(model)
         found_arch, found_keep = loading.describe_model(model)
         num_outputs = int(model.output_shape[-1])
+        names_source = "layer names"
+    source = "--arch" if arch else names_source
     arch = arch or found_arch
     if arch == "student" and keep_blocks is None:
         keep_blocks = found_keep
-    kind = loading.input_kind(arch)
+    if recorded is not None:
+        kind, mean, std = recorded
+        source = "sidecar"
+    else:
+        kind, mean, std = loading.input_kind(arch), None, None
+    preprocess, mean, std = input_preprocess(kind, mean, std)
 
     ds, info = data.load(dataset, split, data_dir)
     if num_outputs != data.num_classes(info):
@@ -120,8 +182,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     total = data.count_examples(ds)
 
     start = time.time()
-    correct, count = evaluate(predictor, ds, loading.preprocess_for(kind), batch_size, total=total,
-                              progress=progress)
+    correct, count = evaluate(predictor, ds, preprocess, batch_size, total=total, progress=progress)
     seconds = time.time() - start
     if count == 0:
         raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")
@@ -136,13 +197,16 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         "arch": arch,
         "keep_blocks": keep_blocks if arch == "student" else None,
         "input_kind": kind,
+        "input_kind_source": source,  # "sidecar", "tensor names", "layer names" or "--arch"
+        "input_mean": mean,
+        "input_std": std,
         "seconds": round(seconds, 2),
     }
     if output_json:
         atomic_write_json(output_json, result)
     depth = f" keep_blocks={keep_blocks}" if arch == "student" else ""
     print(f"{os.path.basename(weights)}: accuracy={result['accuracy']:.2f}% ({correct}/{count}) "
-          f"on {dataset} {split} [{arch}{depth}] in {seconds:.1f}s")
+          f"on {dataset} {split} [{arch}{depth}, {kind} input from {source}] in {seconds:.1f}s")
     return result
 
 

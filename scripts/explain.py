@@ -167,12 +167,16 @@ def _summary_markdown(result):
         f"Top-{100 * cfg['topk_fraction']:g}% IoU of two random pixel sets: "
         f"{result['chance_topk_iou']:.3f}.",
         "",
-        f"| model | method | Spearman | top-{100 * cfg['topk_fraction']:g}% IoU |",
-        "| --- | --- | --- | --- |",
+        "A pair counts as tied when either map has equal values across its top-k threshold (e.g. "
+        "a mostly-zero Grad-CAM++ map); ties are broken at random, so such top-k sets are partly arbitrary.",
+        "",
+        f"| model | method | Spearman | top-{100 * cfg['topk_fraction']:g}% IoU | tied pairs |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, by_method in result["agreement"].items():
         for method, stats in by_method.items():
-            lines.append(f"| {name} | {method} | {_fmt(stats['spearman'])} | {_fmt(stats['topk_iou'])} |")
+            lines.append(f"| {name} | {method} | {_fmt(stats['spearman'])} | {_fmt(stats['topk_iou'])} | "
+                         f"{stats.get('topk_tied_pairs', 'n/a')} |")
     lines += [
         "",
         "## Faithfulness of each model's own maps (mean ± sd of AUC over images)",
@@ -246,7 +250,11 @@ def _explain():
         for method in FLAGS.methods:
             rho = explain.spearman(maps[method, reference], maps[method, name])
             iou = explain.topk_iou(maps[method, reference], maps[method, name], FLAGS.topk_fraction)
-            agreement[name][method] = {"spearman": explain.summarize(rho), "topk_iou": explain.summarize(iou)}
+            # Maps with a tie across the top-k threshold have partly arbitrary top-k sets: count them.
+            tied = explain.topk_ties(maps[method, reference], FLAGS.topk_fraction) \
+                | explain.topk_ties(maps[method, name], FLAGS.topk_fraction)
+            agreement[name][method] = {"spearman": explain.summarize(rho), "topk_iou": explain.summarize(iou),
+                                       "topk_tied_pairs": int(tied.sum())}
             per_image_agreement[name][method] = {"spearman": rho, "topk_iou": iou}
 
     faithfulness = {name: {method: {"deletion_auc": explain.summarize(curves[method, name]["deletion"].auc),

@@ -4,7 +4,9 @@ import json
 import os
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import tf_keras as keras
 
@@ -81,21 +83,150 @@ def test_isolated_worker_does_not_carry_tensorflow_memory(tiny_tflite):
 def test_benchmark_models_table_and_speedups(tiny_tflite):
     entries = [dict(name="teacher", mode="fp32", path=tiny_tflite, params=10, macs=200),
                dict(name="student", mode="fp32", path=tiny_tflite, params=5, macs=100)]
-    report = benchmark.benchmark_models(entries, batch_sizes=[1, 3], warmup_runs=[1], num_runs=[2, 3])
+    report = benchmark.benchmark_models(entries, batch_sizes=[1, 3], warmup_runs=[1], num_runs=[2, 3],
+                                        num_rounds=2)
     rows = report["rows"]
     assert [(row["model"], row["batch_size"], row["num_runs"]) for row in rows] == [
         ("teacher", 1, 2), ("student", 1, 2), ("teacher", 3, 3), ("student", 3, 3)]
+    assert report["num_rounds"] == 2
     for row in rows:
         assert row["file_size_bytes"] == os.path.getsize(tiny_tflite)
         assert row["per_image_ms"] == pytest.approx(row["inference_avg_ms"] / row["batch_size"])
+        assert row["num_rounds"] == 2 and len(row["rounds"]) == 2
+        assert row["model_rss_method"].startswith("exact")
         if row["model"] == "teacher":
             assert row["speedup_vs_reference"] == pytest.approx(1.0)
+            assert row["median_speedup_vs_reference_min"] == pytest.approx(1.0)
         else:
             assert row["mac_ratio_vs_reference"] == pytest.approx(2.0)
     markdown = benchmark.to_markdown(report)
     assert markdown.count("\n| student | fp32 |") == 2
     assert "avg ms" in markdown and "p90 ms" in markdown and "first ms" in markdown
-    json.dumps(report)  # serialisable as is
+    assert "2 interleaved round(s)" in markdown and "speedup range (median)" in markdown
+    json.dumps(report, allow_nan=False)  # serialisable as is
+
+
+def fake_latency(median, avg=None):
+    """A ``measure_latency``-shaped result with chosen timings."""
+    avg = median if avg is None else avg
+    return dict(init_ms=1.0, first_inference_ms=2 * median, warmup_avg_ms=median, inference_avg_ms=avg,
+                inference_median_ms=median, inference_p90_ms=1.5 * median, inference_min_ms=0.5 * median,
+                inference_std_ms=0.1, peak_rss_mb=50.0, baseline_rss_mb=40.0, model_rss_mb=10.0,
+                model_rss_method="exact (fake)", rss_scope="fake")
+
+
+def fake_entries(tmp_path, names):
+    entries = []
+    for name in names:
+        path = tmp_path / f"{name}.tflite"
+        path.write_bytes(b"not really a model")
+        entries.append(dict(name=name, mode="fp32", path=str(path), params=1, macs=1))
+    return entries
+
+
+def test_benchmark_models_interleaves_rounds(tmp_path):
+    entries = fake_entries(tmp_path, ["teacher", "a", "b"])
+    calls = []
+
+    def measure(path, **kwargs):
+        calls.append((os.path.basename(path), kwargs["batch_size"]))
+        return fake_latency(1.0)
+
+    report = benchmark.benchmark_models(entries, batch_sizes=[1, 4], warmup_runs=[1], num_runs=[2],
+                                        num_rounds=3, measure_fn=measure)
+    abc = ["teacher.tflite", "a.tflite", "b.tflite"]
+    # A B C A B C A B C at batch 1, then the same at batch 4 (the old code timed A B C once).
+    assert calls == [(name, 1) for name in abc * 3] + [(name, 4) for name in abc * 3]
+    assert [len(row["rounds"]) for row in report["rows"]] == [3] * 6
+
+
+def test_speedup_is_median_of_per_round_ratios(tmp_path):
+    entries = fake_entries(tmp_path, ["teacher", "student"])
+    # Load drifts: the teacher is slow in round 0, the student in round 2.
+    timings = {"teacher": iter([(20.0, 30.0), (10.0, 10.0), (10.0, 10.0)]),
+               "student": iter([(5.0, 5.0), (4.0, 5.0), (8.0, 20.0)])}
+
+    def measure(path, **kwargs):
+        median, avg = next(timings[os.path.basename(path)[:-len(".tflite")]])
+        return fake_latency(median, avg)
+
+    report = benchmark.benchmark_models(entries, batch_sizes=[1], warmup_runs=[1], num_runs=[2],
+                                        num_rounds=3, measure_fn=measure)
+    teacher, student = report["rows"]
+    # Latency: median over rounds of the per-round figure.
+    assert teacher["inference_median_ms"] == 10.0 and student["inference_median_ms"] == 5.0
+    assert student["inference_p90_ms"] == 7.5 and student["inference_avg_ms"] == 5.0
+    assert student["inference_min_ms"] == 2.0  # min over all rounds
+    # Per-round median ratios 4.0, 2.5, 1.25 -> median 2.5 (the ratio of the medians would be 2.0).
+    assert [result["median_speedup_vs_reference"] for result in student["rounds"]] == [4.0, 2.5, 1.25]
+    assert student["median_speedup_vs_reference"] == 2.5
+    assert (student["median_speedup_vs_reference_min"], student["median_speedup_vs_reference_max"]) == (1.25, 4.0)
+    # Avg ratios 6.0, 2.0, 0.5 -> median 2.0; the spread is kept.
+    assert student["speedup_vs_reference"] == 2.0
+    assert (student["speedup_vs_reference_min"], student["speedup_vs_reference_max"]) == (0.5, 6.0)
+    assert teacher["median_speedup_vs_reference"] == 1.0
+    assert "1.25-4.00x" in benchmark.to_markdown(report)
+
+
+def test_benchmark_models_without_reference_and_bad_rounds(tmp_path):
+    entries = fake_entries(tmp_path, ["a"])
+    report = benchmark.benchmark_models(entries, batch_sizes=[1], num_rounds=2,
+                                        measure_fn=lambda path, **kwargs: fake_latency(1.0))
+    row = report["rows"][0]
+    assert row["median_speedup_vs_reference"] is None and row["speedup_vs_reference_max"] is None
+    assert "| a | fp32 |" in benchmark.to_markdown(report)
+    with pytest.raises(InvalidArgumentError):
+        benchmark.benchmark_models(entries, num_rounds=0, measure_fn=lambda path, **kwargs: fake_latency(1.0))
+
+
+def scripted_clock(monkeypatch, seconds):
+    """``benchmark.time.perf_counter`` returns ``seconds`` in turn (init start/end, then begin/end per invoke)."""
+    ticks = iter(seconds)
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
+
+
+def test_inference_std_uses_ddof_1(tiny_tflite, monkeypatch):
+    # init 10 ms; one warmup invoke of 1 ms; timed invokes of 1, 3 and 6 ms.
+    scripted_clock(monkeypatch, [0.0, 0.010, 1.0, 1.001, 2.0, 2.001, 3.0, 3.003, 4.0, 4.006])
+    result = benchmark._measure(tiny_tflite, batch_size=1, num_threads=1, warmup_runs=1, num_runs=3)
+    assert result["init_ms"] == pytest.approx(10.0) and result["first_inference_ms"] == pytest.approx(1.0)
+    assert result["inference_avg_ms"] == pytest.approx(10.0 / 3)
+    assert result["inference_std_ms"] == pytest.approx(np.std([1.0, 3.0, 6.0], ddof=1))  # 2.52, not 2.05
+    scripted_clock(monkeypatch, [0.0, 0.010, 1.0, 1.001, 2.0, 2.004])
+    single = benchmark._measure(tiny_tflite, batch_size=1, num_threads=1, warmup_runs=1, num_runs=1)
+    assert single["inference_std_ms"] is None  # undefined for one run, not 0
+
+
+def test_model_rss_is_not_hidden_by_an_import_peak(tiny_tflite, monkeypatch):
+    # Importing LiteRT peaked at 300 MiB; 100 MiB stay resident; loading and running the model peak at 140.
+    state = {"reset": False}
+
+    def status(field):
+        if field == "VmRSS":
+            return 100.0
+        return 140.0 if state["reset"] else 300.0
+
+    def reset():
+        state["reset"] = True
+        return True
+
+    monkeypatch.setattr(benchmark, "_proc_status_mb", status)
+    monkeypatch.setattr(benchmark, "_reset_peak_rss", reset)
+    exact = benchmark._measure(tiny_tflite, batch_size=1, num_threads=1, warmup_runs=1, num_runs=1, reset_peak=True)
+    # The old peak-minus-peak gave 300 - 300 = 0 MiB.
+    assert (exact["peak_rss_mb"], exact["baseline_rss_mb"], exact["model_rss_mb"]) == (300.0, 100.0, 40.0)
+    assert exact["model_rss_method"].startswith("exact")
+    state["reset"] = False
+    monkeypatch.setattr(benchmark, "_reset_peak_rss", lambda: False)
+    bound = benchmark._measure(tiny_tflite, batch_size=1, num_threads=1, warmup_runs=1, num_runs=1, reset_peak=True)
+    assert bound["model_rss_mb"] == 200.0 and bound["model_rss_method"].startswith("upper bound")
+
+
+def test_isolated_worker_measures_model_memory_exactly(tiny_tflite):
+    result = benchmark.measure_latency(tiny_tflite, warmup_runs=1, num_runs=1)
+    assert result["model_rss_method"].startswith("exact")
+    assert result["model_rss_mb"] >= 0.0
+    assert result["baseline_rss_mb"] + result["model_rss_mb"] <= result["peak_rss_mb"] + 1e-6
 
 
 def test_measure_latency_named_errors(tmp_path, tiny_tflite):
@@ -112,20 +243,22 @@ def test_measure_latency_named_errors(tmp_path, tiny_tflite):
 def test_benchmark_script_writes_json_and_markdown(tmp_path):
     out = tmp_path / "results"
     command = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--models=student:1,student:2",
-               "--modes=fp32", "--batch_sizes=1", "--num_runs=2", "--warmup_runs=1", f"--output_dir={out}"]
+               "--modes=fp32", "--batch_sizes=1", "--num_runs=2", "--warmup_runs=1", "--num_rounds=2",
+               f"--output_dir={out}"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     report = json.loads((out / "benchmark.json").read_text())
     assert [row["model"] for row in report["rows"]] == ["student_k1", "student_k2"]
     # No teacher: the first model is the reference.
     assert report["rows"][0]["speedup_vs_reference"] == pytest.approx(1.0)
+    assert report["num_rounds"] == 2 and [len(row["rounds"]) for row in report["rows"]] == [2, 2]
     assert "| student_k2 | fp32 | 1 |" in (out / "benchmark.md").read_text()
     assert (out / "student_k2_fp32.tflite").is_file() and (out / "student_k2_fp32.json").is_file()
 
 
-def test_benchmark_script_bad_spec_exits_2(tmp_path):
-    command = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--models=robot",
-               f"--output_dir={tmp_path}"]
+@pytest.mark.parametrize("bad_flag", ["--models=robot", "--num_rounds=0"])
+def test_benchmark_script_bad_spec_exits_2(tmp_path, bad_flag):
+    command = [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), bad_flag, f"--output_dir={tmp_path}"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")

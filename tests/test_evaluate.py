@@ -93,6 +93,7 @@ def test_run_evaluation_on_mock_data(tmp_path, tiny_student_files):
     assert result["num_examples"] == 6
     assert result["accuracy"] == pytest.approx(expected)
     assert (result["arch"], result["keep_blocks"], result["input_kind"]) == ("student", 2, "unit")
+    assert result["input_kind_source"] == "layer names" and result["input_mean"] is None
     assert result["split"] == "train" and result["weights"] == os.path.abspath(paths["weights"])
 
 
@@ -148,6 +149,113 @@ def test_tflite_predictor_rejects_garbage(tmp_path):
     path.write_bytes(b"definitely not a flatbuffer" * 10)
     with pytest.raises(NotAModelError):
         evaluate_script.tflite_predictor(str(path))
+
+
+# ---- .tflite input kind: the sidecar decides, tensor names only without one -------------------
+
+SIDECAR_MEAN, SIDECAR_STD = [0.5, 0.25, 0.75], [0.2, 0.4, 0.1]
+
+
+@pytest.fixture(scope="module")
+def normalized_export(tmp_path_factory, tiny_student_files):
+    """A student (whose tensor names say "unit input") exported with a sidecar saying normalized."""
+    from kdig_tf import export
+
+    model, _ = tiny_student_files
+    path = str(tmp_path_factory.mktemp("export") / "student.tflite")
+    export.convert(model, path, "fp32", input_kind="normalized", mean=SIDECAR_MEAN, std=SIDECAR_STD)
+    return model, path
+
+
+def _copy_export(path, directory):
+    import shutil
+
+    from kdig_tf import export
+
+    target = str(directory / os.path.basename(path))
+    shutil.copy(path, target)
+    shutil.copy(export.sidecar_path(path), export.sidecar_path(target))
+    return target
+
+
+def _spy_on_tflite_inputs(monkeypatch):
+    seen = []
+    original = evaluate_script.tflite_predictor
+
+    def recording(path):
+        predict, names, classes = original(path)
+
+        def spy(batch):
+            seen.append(np.asarray(batch))
+            return predict(batch)
+        return spy, names, classes
+
+    monkeypatch.setattr(evaluate_script, "tflite_predictor", recording)
+    return seen
+
+
+def _mock_cifar_images(num_examples):
+    ds, _ = data.load("cifar10", "train")
+    images, labels = zip(*[(image, label) for image, label, _ in ds.take(num_examples)])
+    return tf.stack(images), np.asarray(labels)
+
+
+def test_tflite_input_kind_comes_from_sidecar(tmp_path, normalized_export, monkeypatch):
+    from kdig_tf import loading
+
+    model, path = normalized_export
+    path = _copy_export(path, tmp_path)
+    assert loading.input_kind(loading.describe_names(evaluate_script.tflite_predictor(path)[1])[0]) == "unit"
+    seen = _spy_on_tflite_inputs(monkeypatch)
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = evaluate_script.run_evaluation(path, split="train", batch_size=4, progress=False)
+        images, labels = _mock_cifar_images(6)
+    expected_inputs = data.normalize_teacher(data.to_unit_range(images), SIDECAR_MEAN, SIDECAR_STD).numpy()
+    np.testing.assert_allclose(np.concatenate(seen), expected_inputs, atol=1e-5)
+    predictions = np.argmax(model(expected_inputs, training=False), axis=-1)
+    assert result["accuracy"] == pytest.approx(100.0 * np.mean(predictions == labels))
+    assert (result["input_kind"], result["input_kind_source"]) == ("normalized", "sidecar")
+    np.testing.assert_allclose(result["input_mean"], SIDECAR_MEAN)
+    np.testing.assert_allclose(result["input_std"], SIDECAR_STD)
+    assert (result["arch"], result["keep_blocks"]) == ("student", 2)
+
+
+def test_tflite_without_sidecar_falls_back_to_tensor_names(tmp_path, normalized_export, monkeypatch, capsys):
+    from kdig_tf import export
+
+    path = _copy_export(normalized_export[1], tmp_path)
+    os.remove(export.sidecar_path(path))
+    seen = _spy_on_tflite_inputs(monkeypatch)
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = evaluate_script.run_evaluation(path, split="train", progress=False)
+        images, _ = _mock_cifar_images(3)
+    assert (result["input_kind"], result["input_kind_source"]) == ("unit", "tensor names")
+    assert result["input_mean"] is None
+    np.testing.assert_allclose(np.concatenate(seen), data.preprocess_student(images).numpy(), atol=1e-6)
+    assert "no sidecar" in capsys.readouterr().err
+
+
+def test_tflite_sidecar_mismatch_is_an_error(tmp_path, normalized_export):
+    from kdig_tf import export
+    from kdig_tf.errors import SidecarMismatchError
+
+    path = _copy_export(normalized_export[1], tmp_path)
+    json_path = export.sidecar_path(path)
+    sidecar = json.loads(open(json_path).read())
+    sidecar["input"]["shape"] = [1, 16, 16, 3]
+    with open(json_path, "w") as handle:
+        json.dump(sidecar, handle)
+    with pytest.raises(SidecarMismatchError):
+        evaluate_script.run_evaluation(path, split="train", progress=False)
+
+
+def test_output_json_may_not_overwrite_the_sidecar(tmp_path, normalized_export):
+    from kdig_tf import export
+    from kdig_tf.errors import InvalidArgumentError
+
+    path = _copy_export(normalized_export[1], tmp_path)
+    with pytest.raises(InvalidArgumentError, match="sidecar"):
+        evaluate_script.run_evaluation(path, output_json=export.sidecar_path(path), progress=False)
 
 
 # ---- the command line, in subprocesses ---------------------------------------------------------

@@ -53,11 +53,52 @@ def test_topk_iou_hand_computed():
     np.testing.assert_allclose(batch, [1 / 3, 1.0])
 
 
-def test_topk_includes_all_ties_at_threshold():
+def test_topk_mask_has_exactly_k_pixels_despite_ties():
     m = np.zeros((1, 4, 5))
     m[0, 0, 0] = 1.0  # k = 2 of 20 pixels; the second place is a 19-way tie
-    assert explain.topk_mask(m, 0.1).sum() == 20
-    assert explain.topk_iou(m[0], m[0], 0.1) == 1.0
+    mask = explain.topk_mask(m, 0.1)
+    assert mask.sum() == 2 and mask[0, 0]
+    # A ReLU'd map that is 95 % zeros: the top 10 % is its 5 % support plus 5 % tied zeros.
+    m = np.zeros((2, 20, 20))
+    m[:, 0, :] = np.arange(1, 21)
+    mask = explain.topk_mask(m, 0.1)
+    assert mask.shape == (2, 400) and mask.sum(axis=1).tolist() == [40, 40]
+    assert mask[:, :20].all()
+    np.testing.assert_array_equal(mask[0], mask[1])  # identical maps, identical sets
+    assert explain.topk_iou(m[0], m[1], 0.1) == 1.0
+
+
+def test_topk_iou_of_mostly_zero_maps_with_disjoint_supports_is_small():
+    # 20x20 maps, 95 % zeros; a is nonzero on pixels 0..19, b on 20..39 (k = 40). Breaking
+    # the zero ties by position would fill each set with the other's support (IoU 1.0).
+    a, b = np.zeros(400), np.zeros(400)
+    a[:20] = np.arange(20, 0, -1)
+    b[20:40] = np.arange(1, 21)
+    iou = explain.topk_iou(a.reshape(20, 20), b.reshape(20, 20), 0.1)
+    assert iou < 0.15
+    assert explain.topk_iou(a.reshape(20, 20), b.reshape(20, 20), 0.1) == iou  # deterministic
+
+
+def test_topk_iou_of_tied_maps_matches_chance_on_average():
+    # Maps with one nonzero pixel each: the top-10 % sets are almost all tie-filler, which
+    # must behave like the random sets of ``topk_iou_chance``.
+    rng = np.random.default_rng(8)
+    a, b = np.zeros((300, 100)), np.zeros((300, 100))
+    a[np.arange(300), rng.integers(0, 100, 300)] = rng.uniform(1, 2, 300)
+    b[np.arange(300), rng.integers(0, 100, 300)] = rng.uniform(1, 2, 300)
+    iou = explain.topk_iou(a.reshape(300, 10, 10), b.reshape(300, 10, 10), 0.1)
+    # chance = 0.055; the sd of the mean of 300 pair IoUs is about 0.003.
+    assert abs(iou.mean() - explain.topk_iou_chance(100, 0.1)) < 0.015
+
+
+def test_topk_ties_flags_maps_with_a_tie_at_the_threshold():
+    maps = np.random.default_rng(9).normal(size=(4, 10, 10))
+    maps[1] = 0.0                      # constant
+    maps[2, :, :] = 0.0
+    maps[2, 0, :5] = 1.0               # 5 nonzero, k = 10: the zeros straddle the threshold
+    maps[3] = np.maximum(maps[3], 0.0)  # about half zeros: the threshold is still a distinct value
+    np.testing.assert_array_equal(explain.topk_ties(maps, 0.1), [False, True, True, False])
+    assert not explain.topk_ties(maps, 1.0).any()  # k = N: nothing to break
 
 
 def test_topk_iou_chance_value():
@@ -284,6 +325,7 @@ def test_script_end_to_end_on_mock_data(tmp_path):
     result = json.loads((out / "explain.json").read_text())
     assert result["reference"] == "student0"
     assert set(result["agreement"]["small"]) == {"ig", "saliency", "gradcam++"}
+    assert all(0 <= entry["topk_tied_pairs"] <= 4 for entry in result["agreement"]["small"].values())
     assert len(result["per_image"]["agreement"]["small"]["ig"]["spearman"]) == 4
     assert set(result["faithfulness"]) == {"student0", "small"}
     assert "| small | ig |" in (out / "summary.md").read_text()

@@ -55,6 +55,11 @@ def test_every_mode_converts_and_runs_on_litert(trained, tmp_path, mode, int8_io
 
     report = export.check_export(model, path, test_images, test_labels)
     assert report["num_images"] == 64
+    assert report["float_io"] == (not int8_io)
+    # Only fp32 is a float model, whatever its I/O: int8 with float I/O must not pass as one.
+    if mode != "dynamic":  # dynamic range leaves small weight tensors (< 1024 values) in float32
+        assert report["float_model"] == (mode == "fp32")
+    assert ("int8" in report["reduced_precision_dtypes"]) == (mode == "int8")
     if mode == "fp32":
         assert report["max_abs_logit_diff"] <= 1e-4
     if mode == "int8":
@@ -89,6 +94,9 @@ def test_sidecar_round_trip_with_labels_and_normalisation(trained, tmp_path):
     assert loaded["input"]["mean"] == pytest.approx(mean) and loaded["input"]["std"] == pytest.approx(std)
     assert loaded["input"]["shape"] == [1, 32, 32, 3]
     assert loaded["source_model"]["weights_sha256"] == export.weights_sha256(model)
+    trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
+    assert loaded["source_model"]["params"] == trainable  # BN statistics are not parameters
+    assert loaded["source_model"]["params_including_non_trainable"] == model.count_params()
     assert loaded["kdig_tf_version"] == kdig_tf.__version__
     # The labels also travel inside the .tflite, and the embedding keeps the model runnable.
     assert loaded["labels_embedded"] is True

@@ -132,6 +132,20 @@ def test_resume_keeps_finished_shards(mock_cifar, tiny_teacher, tmp_path):
     assert shards(resumed) == shards(clean)
 
 
+def test_resume_recomputes_a_finished_shard_damaged_afterwards(mock_cifar, tiny_teacher, tmp_path):
+    teacher_hash = records.weights_fingerprint(tiny_teacher)
+    store_dir = tmp_path / "store"
+    kwargs = dict(split="train", examples_per_shard=5, batch_size=5, progress=False)
+    with pytest.raises(_Killed):
+        records.precompute_store(str(store_dir), _DiesAfter(_targets(tiny_teacher), 1), teacher_hash, **kwargs)
+    first = store_dir / "shard-00000-of-00003.tfrecord"
+    intact = first.read_bytes()
+    first.write_bytes(intact[: len(intact) // 2])  # its sidecar still says "finished"
+    records.precompute_store(str(store_dir), _targets(tiny_teacher), teacher_hash, **kwargs)
+    assert first.read_bytes() == intact
+    assert records.Store(str(store_dir)).num_examples == 12
+
+
 def test_workers_split_shards_and_merge(mock_cifar, tiny_teacher, tmp_path):
     for worker in range(2):
         _build(tmp_path, tiny_teacher, shard_index=worker, num_workers=2)
