@@ -1,5 +1,6 @@
 """Crash-safe file writing: write to a temporary name in the same folder, then rename."""
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -34,6 +35,29 @@ def atomic_write_bytes(path, payload):
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def holds_files(directory):
+    """True if ``directory`` exists and holds a file at any depth (BackupAndRestore leaves an
+    empty folder behind when training ends)."""
+    return any(files for _, _, files in os.walk(directory))
+
+
+def read_epoch_log(history_path):
+    """A Keras CSVLogger file as {column: [value per epoch]}, one row per epoch.
+
+    kdig_tf logs an epoch before backing it up, so a kill in between makes the resumed
+    run log that epoch twice; the later row belongs to the weights that survive.
+    """
+    if not os.path.exists(history_path):
+        return {}
+    with open(history_path, newline="") as handle:
+        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
+    columns = {}
+    for epoch in sorted(rows):
+        for key, value in rows[epoch].items():
+            columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+    return columns
 
 
 def read_json_or_none(path):

@@ -11,7 +11,6 @@ a backup is never resumed under different flags.
 """
 import kdig_tf  # noqa: F401
 
-import csv
 import dataclasses
 import json
 import os
@@ -23,7 +22,7 @@ import tf_keras as keras
 
 from kdig_tf import data, distiller, loading, models, overlay, records
 from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError, UnknownKeyError
-from kdig_tf.io_utils import atomic_path, atomic_write_json, read_json_or_none
+from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
 METHODS = {
@@ -265,23 +264,6 @@ class SaveStudentAtEnd(keras.callbacks.Callback):
             self.model.save_student(tmp)
 
 
-def read_history(history_path):
-    """The CSV log as {column: [value per epoch]}, one row per epoch.
-
-    A kill between a backup and its CSV row makes a resumed run log an epoch twice; the
-    later row is the one the surviving weights come from.
-    """
-    if not os.path.exists(history_path):
-        return {}
-    with open(history_path, newline="") as handle:
-        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
-    columns = {}
-    for epoch in sorted(rows):
-        for key, value in rows[epoch].items():
-            columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
-    return columns
-
-
 def training_settings(config, teacher_hash=None):
     """What a run's trained student depends on: every setting but NON_TRAINING_FIELDS, plus the teacher."""
     settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in NON_TRAINING_FIELDS}
@@ -294,7 +276,7 @@ def claim_workdir(workdir, settings):
     path = os.path.join(workdir, RUN_CONFIG)
     if not os.path.exists(path):
         leftovers = [name for name in (RESULTS, STUDENT, HISTORY) if os.path.exists(os.path.join(workdir, name))]
-        leftovers += [BACKUP] if _holds_files(os.path.join(workdir, BACKUP)) else []
+        leftovers += [BACKUP] if holds_files(os.path.join(workdir, BACKUP)) else []
         if leftovers:
             raise StaleRunError(f"{workdir} holds {leftovers} from a run of unrecorded settings; "
                                 "use a new --workdir or delete it")
@@ -310,11 +292,6 @@ def claim_workdir(workdir, settings):
     if changes:
         raise StaleRunError(f"{workdir} was started with other settings ({'; '.join(changes)}); "
                             "use a new --workdir or delete it")
-
-
-def _holds_files(directory):
-    """True if ``directory`` holds any file (BackupAndRestore leaves an empty folder behind)."""
-    return any(files for _, _, files in os.walk(directory))
 
 
 def _finished_results(workdir, config):
@@ -374,7 +351,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     if os.path.exists(student_path):  # trained by an earlier call with these settings (checked above)
         student = loading.load_model(student_path)
     else:
-        if not _holds_files(backup_dir) and os.path.exists(history_path):
+        if not holds_files(backup_dir) and os.path.exists(history_path):
             os.remove(history_path)  # epochs logged by a run that left no checkpoint cannot be resumed
         val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
         student = models.build_student(config.keep_blocks, num_classes=num_classes,
@@ -394,7 +371,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
                      keras.callbacks.BackupAndRestore(backup_dir), *extra_callbacks]
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
                   verbose=config.verbose if progress else 0)
-    history = read_history(history_path)
+    history = read_epoch_log(history_path)
     val_accuracy, num_val = evaluate_student(student, config.dataset, config.val_split, config.data_dir)
     results = {
         "method": config.method, "seed": config.seed,

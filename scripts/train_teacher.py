@@ -9,6 +9,8 @@ Trains on ``train[:45000]`` and selects the best epoch on ``train[45000:]``.
 A killed run restarts at its last finished epoch (``BackupAndRestore``). The best
 validation checkpoint is ``<workdir>/best.weights.h5``; at the end the best model is
 written as ``<workdir>/teacher.h5`` (a full tf-keras model) with ``teacher.json``.
+Rerunning a finished run only exports again; a workdir whose log has epochs but no
+checkpoint to resume from is refused rather than silently retrained from scratch.
 """
 import os
 import sys
@@ -55,8 +57,8 @@ def _train():
     import tf_keras as keras
 
     from kdig_tf import data, models
-    from kdig_tf.errors import InvalidArgumentError, NotAModelError
-    from kdig_tf.io_utils import atomic_path, atomic_write_json
+    from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
+    from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log
 
     if FLAGS.epochs < 1 or FLAGS.batch_size < 1:
         raise InvalidArgumentError("epochs and batch_size must be >= 1")
@@ -100,21 +102,34 @@ def _train():
 
     best_path = os.path.join(FLAGS.workdir, "best.weights.h5")
     history_path = os.path.join(FLAGS.workdir, "history.csv")
-    epochs_done = _finished_epochs(history_path)
+    backup_dir = os.path.join(FLAGS.workdir, "backup")
+    epochs_done = read_epoch_log(history_path).get("epoch", [])
+    resumable = holds_files(backup_dir)
+    finished = len(epochs_done) >= FLAGS.epochs and not resumable
+    if epochs_done and not resumable and not finished:
+        # BackupAndRestore would start from epoch 0 and append to this log: hours lost, log corrupted.
+        raise StaleRunError(f"{history_path} logs {len(epochs_done)} epochs but {backup_dir} holds no "
+                            f"checkpoint to resume from (was the run finished with fewer than --epochs="
+                            f"{FLAGS.epochs}?); use a new --workdir")
+    if finished and not FLAGS.export_only:
+        print(f"training finished earlier ({len(epochs_done)} epochs logged in {history_path}); exporting")
     start = time.time()
-    if not FLAGS.export_only:
+    if not FLAGS.export_only and not finished:
+        # The epoch is logged and checkpointed before it is backed up: a kill in between makes
+        # the resumed run redo and log it again (read_epoch_log keeps the later row), never
+        # skip a row.
         callbacks = [
-            keras.callbacks.BackupAndRestore(os.path.join(FLAGS.workdir, "backup")),
             # After a restart, only an epoch better than every earlier one may replace best.weights.h5.
             keras.callbacks.ModelCheckpoint(
                 best_path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True,
-                initial_value_threshold=max((row["val_accuracy"] for row in epochs_done), default=None)),
+                initial_value_threshold=max(read_epoch_log(history_path).get("val_accuracy", []), default=None)),
             keras.callbacks.TensorBoard(os.path.join(FLAGS.workdir, "tensorboard")),
             keras.callbacks.CSVLogger(history_path, append=True),
+            keras.callbacks.BackupAndRestore(backup_dir),
         ]
         model.fit(train_ds, validation_data=val_ds, epochs=FLAGS.epochs, callbacks=callbacks,
                   verbose=FLAGS.verbose)
-        epochs_done = _finished_epochs(history_path)
+        epochs_done = read_epoch_log(history_path).get("epoch", [])
     if not os.path.exists(best_path):
         raise NotAModelError(f"no checkpoint at {best_path}: train first")
     model.load_weights(best_path)
@@ -135,16 +150,6 @@ def _train():
     }
     atomic_write_json(os.path.join(FLAGS.workdir, "teacher.json"), summary)
     print(f"teacher: val_accuracy={summary['val_accuracy']:.2f}% on {FLAGS.val_split} -> {final_path}")
-
-
-def _finished_epochs(history_path):
-    """Rows of the CSV log (one per finished epoch, across restarts)."""
-    import csv
-
-    if not os.path.exists(history_path):
-        return []
-    with open(history_path) as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
 
 
 _OWN_FLAGS = ("workdir", "dataset", "data_dir", "train_split", "val_split", "epochs", "batch_size",

@@ -9,6 +9,7 @@ import tf_keras as keras
 
 from kdig_tf import data, models, pipeline
 from kdig_tf.errors import StaleRunError
+from kdig_tf.io_utils import holds_files, read_epoch_log
 
 EPOCHS = 3
 
@@ -64,7 +65,7 @@ def _config(teacher_path, **overrides):
 
 
 def _logged_epochs(workdir):
-    return pipeline.read_history(os.path.join(workdir, pipeline.HISTORY)).get("epoch", [])
+    return read_epoch_log(os.path.join(workdir, pipeline.HISTORY)).get("epoch", [])
 
 
 def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
@@ -86,7 +87,7 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
     assert results["train_seconds"] > 0
     # Validation sees cached teacher logits, so its KD term is real, not a placeholder zero.
     assert all(value > 0 for value in results["history"]["val_kd_loss"])
-    assert not pipeline._holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
+    assert not holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
 
 
 def test_run_killed_after_training_only_redoes_evaluation_and_export(tmp_path, teacher_path):
@@ -143,7 +144,7 @@ def test_workdir_with_an_unrecorded_run_is_refused(tmp_path, teacher_path):
 def test_read_history_keeps_the_last_row_of_a_repeated_epoch(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,3.0\n1,2.0\n1,1.5\n2,1.0\n")
-    assert pipeline.read_history(str(path)) == {"epoch": [0.0, 1.0, 2.0], "loss": [3.0, 1.5, 1.0]}
+    assert read_epoch_log(str(path)) == {"epoch": [0.0, 1.0, 2.0], "loss": [3.0, 1.5, 1.0]}
 
 
 def test_validation_dataset_pairs_each_image_with_its_own_teacher_logits(teacher_path):
