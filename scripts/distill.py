@@ -59,11 +59,22 @@ HELP = {
     "verbose": "Keras verbosity: 1 = progress bar, 2 = one line per epoch.",
 }
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/distill", "Output directory of this run.")
-for field in dataclasses.fields(DistillConfig):
-    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}.get(
-        field.type, flags.DEFINE_string)
-    define(field.name, field.default, HELP[field.name])
+
+
+def define_flags(flag_values=FLAGS):
+    """One flag per DistillConfig field (same name, type and default), plus --workdir."""
+    flags.DEFINE_string("workdir", "runs/distill", "Output directory of this run.", flag_values=flag_values)
+    for field in dataclasses.fields(DistillConfig):
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}.get(
+            field.type, flags.DEFINE_string)
+        define(field.name, field.default, HELP[field.name], flag_values=flag_values)
+
+
+def config_from_flags(flag_values=FLAGS):
+    return DistillConfig(**{field.name: flag_values[field.name].value for field in dataclasses.fields(DistillConfig)})
+
+
+define_flags()
 
 
 def main(argv):
@@ -71,7 +82,7 @@ def main(argv):
     from kdig_tf import cli, pipeline
 
     def run():
-        config = DistillConfig(**{field.name: FLAGS[field.name].value for field in dataclasses.fields(DistillConfig)})
+        config = config_from_flags()
         results = pipeline.run_distillation(config, FLAGS.workdir)
         print(f"{config.method}: val_accuracy={results['val_accuracy']:.2f}% on {config.val_split} "
               f"({results['trainable_params']:,} params, {results['compression']:.2f}x, "
