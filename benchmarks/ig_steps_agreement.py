@@ -105,13 +105,14 @@ def summary(values):
     return dict(explain.summarize(values), median=float(np.median(finite)) if finite.size else float("nan"))
 
 
-def _fmt(stats, spec):
+def _fmt(stats, spec, median=False):
     if stats is None:
         return "–"
     if stats["n"] == 0:
         return "nan"
     sd = "" if stats["n"] < 2 else f" ± {format(stats['sd'], spec)}"
-    return f"{format(stats['mean'], spec)}{sd}"
+    middle = f" ({format(stats['median'], spec)})" if median else ""
+    return f"{format(stats['mean'], spec)}{sd}{middle}"
 
 
 def to_markdown(result):
@@ -125,7 +126,8 @@ def to_markdown(result):
         f"{setup['dataset']} `{setup['split']}` (first in order; the teacher is right on "
         f"{teacher['correct_on_images']}/{setup['num_images']}). IG as in the precompute store: "
         f"{setup['method']}, `{setup['baseline']}` baseline in the normalised input space, target = true label, "
-        f"logit output; map = sum over channels of |attr|. Values are mean ± sd over images.",
+        f"logit output; map = sum over channels of |attr|. Values are mean ± sd over images "
+        f"(completeness: mean ± sd (median); a few images with a small F(x) - F(x') dominate its mean and sd).",
         "",
         "| GL steps | completeness error (rel.) | rel. L1 to ref. | Spearman to ref. | "
         f"top-{setup['topk_fraction']:.0%} IoU to ref. | s/image | path points/s |",
@@ -136,7 +138,7 @@ def to_markdown(result):
         label = f"{row['steps']} (ref.)" if reference else str(row["steps"])
         agreement = [None] * 3 if reference else [row["rel_l1_to_reference"], row["spearman_to_reference"],
                                                    row["topk_iou_to_reference"]]
-        rows.append(f"| {label} | {_fmt(row['completeness_rel_error'], '.2e')} | {_fmt(agreement[0], '.4f')} | "
+        rows.append(f"| {label} | {_fmt(row['completeness_rel_error'], '.2e', median=True)} | {_fmt(agreement[0], '.4f')} | "
                     f"{_fmt(agreement[1], '.4f')} | {_fmt(agreement[2], '.3f')} | "
                     f"{row['seconds_per_image']:.3f} | {row['points_per_second']:.0f} |")
     rows += [
