@@ -364,7 +364,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         model.compile(optimizer=_optimizer(config, steps_per_epoch))
         model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model
         # Order matters. The timer writes into the logs CSVLogger reads. An epoch is logged
-        # before it is backed up, so a kill in between makes a duplicate row (read_history
+        # before it is backed up, so a kill in between makes a duplicate row (read_epoch_log
         # keeps the later one), never a missing one. The student is saved before
         # BackupAndRestore removes the backup at the end of training.
         callbacks = [EpochTimer(), SaveStudentAtEnd(student_path), keras.callbacks.CSVLogger(history_path, append=True),

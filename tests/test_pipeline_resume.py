@@ -141,7 +141,7 @@ def test_workdir_with_an_unrecorded_run_is_refused(tmp_path, teacher_path):
         pipeline.run_distillation(_config(teacher_path), str(workdir), progress=False)
 
 
-def test_read_history_keeps_the_last_row_of_a_repeated_epoch(tmp_path):
+def test_epoch_log_keeps_the_last_row_of_a_repeated_epoch(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,3.0\n1,2.0\n1,1.5\n2,1.0\n")
     assert read_epoch_log(str(path)) == {"epoch": [0.0, 1.0, 2.0], "loss": [3.0, 1.5, 1.0]}
