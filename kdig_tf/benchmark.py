@@ -330,7 +330,7 @@ def benchmark_models(entries, batch_sizes=(1, 64), num_threads=1, warmup_runs=(5
                 per_image_ms=summary["inference_avg_ms"] / batch_size, **summary,
                 rounds=[{key: result.get(key) for key in ROUND_KEYS} for result in rounds]))
     _add_speedups(rows, reference)
-    env["load_average_end"] = _load_average()
+    env["load_average_end"] = load_average()
     return {"rows": rows, "reference": {"model": reference[0], "mode": reference[1]}, "num_rounds": num_rounds,
             "environment": env}
 
@@ -382,8 +382,21 @@ def _add_speedups(rows, reference):
         row["mac_ratio_vs_reference"] = base["macs"] / row["macs"] if base and row["macs"] else None
 
 
-def _load_average():
+def load_average():
     return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def cpu_model():
+    """The CPU's model name (Linux), or None. Sessions here land on AMD and Intel machines alike,
+    and latency ratios differ between them, so every benchmark records it."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def environment():
@@ -393,8 +406,9 @@ def environment():
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "ai_edge_litert": metadata.version("ai-edge-litert"),
         "tensorflow": metadata.version("tensorflow"),  # without importing it: workers stay TF-free
         "kdig_tf": kdig_tf.__version__,
@@ -443,7 +457,7 @@ def to_markdown(report):
         f"Speed-up = median over rounds of (latency of {reference['model']} ({reference['mode']}) in round r / "
         "latency of the row in round r), avg or median, same batch size; range = min-max of the median "
         "ratio over rounds.",
-        f"LiteRT {env['ai_edge_litert']} (XNNPACK), {env['cpu_count']} CPUs, {env['machine']}, "
+        f"LiteRT {env['ai_edge_litert']} (XNNPACK), {env['cpu_count']} CPUs ({env.get('cpu_model') or env['machine']}), "
         f"load average {env['load_average']} at start, {env.get('load_average_end')} at end. "
         f"Peak RSS: {report['rows'][0]['rss_scope']}.",
     ]

@@ -28,7 +28,7 @@ import sys
 
 import numpy as np
 
-from kdig_tf import experiments
+from kdig_tf import benchmark, experiments
 from kdig_tf.errors import InvalidArgumentError, NotAModelError
 from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file
 
@@ -248,27 +248,10 @@ def plot_sweep(report, path):
 
 # --------------------------------------------------------------------------- machine
 
-def load_average():
-    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def machine_info():
-    from kdig_tf import benchmark
-
     info = benchmark.environment()
     info.pop("load_average", None)  # the sweep records it before and after
-    info.update(cpu_model=_cpu_model(), niceness=os.nice(0) if hasattr(os, "nice") else None,
+    info.update(niceness=os.nice(0) if hasattr(os, "nice") else None,
                 usable_cpus=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
     return info
 
@@ -326,8 +309,6 @@ def tflite_accuracy(path, flags):
 
 
 def default_latency_fn(isolate=True):
-    from kdig_tf import benchmark
-
     def measure(path, num_threads, warmup_runs, num_runs):
         return benchmark.measure_latency(path, batch_size=1, num_threads=num_threads, warmup_runs=warmup_runs,
                                          num_runs=num_runs, isolate=isolate)
@@ -404,7 +385,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
         models.resolve_keep_blocks(keep)
     grid = candidate_grid(keep_blocks, widths)
     os.makedirs(output_dir, exist_ok=True)
-    load_before = load_average()
+    load_before = benchmark.load_average()
 
     run_rows, val_split = {}, None
     if train:
@@ -415,8 +396,6 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
         run_rows = {row["candidate"]: row for row in rows}
 
     import tf_keras as keras
-
-    from kdig_tf import benchmark
 
     latency_fn = latency_fn or default_latency_fn(isolate)
     tflite_dir = os.path.join(output_dir, "tflite")
@@ -510,7 +489,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
     # Reference first, then the other teacher modes, then students by latency.
     rows.sort(key=lambda row: (row["role"] != TEACHER, row["role"] == TEACHER and row["mode"] != REFERENCE_MODE,
                                row["latency_median_ms"]))
-    machine = dict(machine_info(), load_average_before=load_before, load_average_after=load_average())
+    machine = dict(machine_info(), load_average_before=load_before, load_average_after=benchmark.load_average())
     busy = [value[0] for value in (load_before, machine["load_average_after"]) if value]
     if busy and max(busy) > 0.5 * (machine["cpu_count"] or 1):
         warnings.append(f"1-minute load average {' / '.join(map(str, busy))} (before / after) on "
