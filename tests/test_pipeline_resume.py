@@ -85,6 +85,8 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
     assert len(results["history"]["epoch_seconds"]) == EPOCHS
     assert results["train_seconds"] == pytest.approx(sum(results["history"]["epoch_seconds"]))
     assert results["train_seconds"] > 0
+    # The reported accuracy is the final student's, as Keras measured it after the last epoch.
+    assert results["val_accuracy"] == pytest.approx(100.0 * results["history"]["val_accuracy"][-1])
     # Validation sees cached teacher logits, so its KD term is real, not a placeholder zero.
     assert all(value > 0 for value in results["history"]["val_kd_loss"])
     assert not holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
