@@ -113,15 +113,60 @@ def index_mask(keep_indices, num_examples):
     return tf.constant(mask)
 
 
+# Spacing of per-epoch seeds: epoch e's batch b gets the stateless seed (seed, e * EPOCH_STRIDE + b).
+EPOCH_STRIDE = 1 << 32
+
+
+def seeded_epochs(examples, batch_size, seed=0, shuffle=True, shuffle_buffer=None, epochs=None,
+                  initial_epoch=0, drop_remainder=False):
+    """Batches of ``examples`` paired with a stateless seed [2], epoch after epoch.
+
+    With ``epochs``, the dataset holds epochs ``initial_epoch .. epochs-1`` back to back
+    (give ``fit`` its ``steps_per_epoch``). Each epoch's order and each batch's seed are
+    functions of (seed, epoch index) alone, so a run resumed at epoch k sees exactly the
+    batches an uninterrupted run saw from epoch k on. Without ``epochs``, each iteration
+    is one freshly reshuffled epoch (not reproducible across a restart).
+    """
+    if epochs is not None and not 0 <= initial_epoch <= epochs:
+        raise InvalidArgumentError(f"need 0 <= initial_epoch <= epochs, got {initial_epoch} and {epochs}")
+    examples = examples.cache()
+    buffer = shuffle_buffer or max(int(examples.cardinality()), 1)
+    seed = int(seed)
+    if epochs is None:
+        ordered = examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=True) if shuffle else examples
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        return tf.data.Dataset.zip((ordered.batch(batch_size, drop_remainder=drop_remainder), seeds))
+
+    def one_epoch(epoch):
+        ordered = examples
+        if shuffle:
+            # A Python seed per epoch (a tensor seed is not accepted); + 1 keeps it non-zero,
+            # since an all-zero seed pair makes the shuffle non-deterministic.
+            ordered = ordered.shuffle(buffer, seed=seed * EPOCH_STRIDE + epoch + 1, reshuffle_each_iteration=False)
+        batches = ordered.batch(batch_size, drop_remainder=drop_remainder)
+        return batches.enumerate().map(
+            lambda index, batch: (batch, tf.stack([tf.constant(seed, tf.int64), epoch * EPOCH_STRIDE + index])))
+
+    stream = one_epoch(initial_epoch)
+    if initial_epoch == epochs:
+        return stream.take(0)
+    for epoch in range(initial_epoch + 1, epochs):
+        stream = stream.concatenate(one_epoch(epoch))
+    return stream
+
+
 def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0), seed=0, augment=True,
                      paper_mode=False, shuffle=True, cached_targets_order="aligned", repeat=False,
-                     drop_remainder=False, return_target_ids=False, keep_indices=None):
+                     drop_remainder=False, return_target_ids=False, keep_indices=None, epochs=None,
+                     initial_epoch=0):
     """Batches of (student_input, label, teacher_logits, id) from a :class:`records.Store`.
 
     Records are shuffled as serialized strings, batched, then parsed in one op per batch.
     ``cached_targets_order="shuffled"`` is the misalignment control: every image is given
     another image's logits and map, as the paper's released code did by accident.
     ``keep_indices`` restricts training to those store indices (e.g. a stratified subset).
+    ``epochs``/``initial_epoch``: see :func:`seeded_epochs` (what makes a resumed run
+    see the same data as an uninterrupted one).
     """
     check_overlay_args(p, beta, power_range)
     if batch_size < 1:
@@ -134,11 +179,8 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
         mask = index_mask(keep_indices, store.num_examples)
         index_spec = {"index": tf.io.FixedLenFeature([], tf.int64)}
         ds = ds.filter(lambda record: tf.gather(mask, tf.io.parse_single_example(record, index_spec)["index"]))
-    ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(store.num_examples, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(store.parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = seeded_epochs(ds, batch_size, seed, shuffle, store.num_examples, epochs, initial_epoch, drop_remainder)
+    ds = ds.map(lambda records, batch_seed: (store.parse(records), batch_seed), num_parallel_calls=tf.data.AUTOTUNE)
 
     if cached_targets_order == "shuffled":
         everything = store.read_all()
@@ -147,17 +189,13 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
         maps_table = tf.constant(everything["map"][permutation])
         ids_table = tf.constant(everything["id"][permutation])
 
-        def swap_targets(batch):
+        def swap_targets(batch, batch_seed):
             batch = dict(batch)
             batch["logits"] = tf.gather(logits_table, batch["index"])
             batch["map"] = tf.gather(maps_table, batch["index"])
             batch["target_id"] = tf.gather(ids_table, batch["index"])
-            return batch
+            return batch, batch_seed
         ds = ds.map(swap_targets, num_parallel_calls=tf.data.AUTOTUNE)
-
-    # A fresh random seed per batch and per epoch, reproducible from ``seed``.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds))
 
     def to_training_example(batch, batch_seed):
         if batch["map"].shape[1:] != image_shape[:2]:

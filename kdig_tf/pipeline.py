@@ -176,20 +176,35 @@ def stratified_indices(labels, fraction, seed):
     return np.sort(np.concatenate(chosen))
 
 
-def plain_training_dataset(ds, batch_size, seed=0, keep=None):
-    """(input, label, id) batches with the same crop/flip as the store pipeline, no targets."""
+def plain_training_dataset(ds, batch_size, seed=0, keep=None, epochs=None, initial_epoch=0):
+    """(input, label, id) batches with the same crop/flip as the store pipeline, no targets.
+
+    ``epochs``/``initial_epoch`` as in :func:`kdig_tf.overlay.seeded_epochs`.
+    """
+    num_examples = data.count_examples(ds)
     if keep is not None:
-        table = overlay.index_mask(keep, data.count_examples(ds))
+        table = overlay.index_mask(keep, num_examples)
         ds = ds.enumerate().filter(lambda index, example: tf.gather(table, index)).map(lambda index, example: example)
-    ds = ds.cache().shuffle(50_000, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        num_examples = len(keep)
+    batches = overlay.seeded_epochs(ds, batch_size, seed, shuffle_buffer=num_examples, epochs=epochs,
+                                    initial_epoch=initial_epoch)
 
     def augment(batch, batch_seed):
         images, labels, ids = batch
         inputs = overlay.crop_flip_batch(tf.cast(images, tf.float32) / 255.0, batch_seed)
         return inputs, labels, ids
-    return tf.data.Dataset.zip((ds, seeds)).map(augment, num_parallel_calls=tf.data.AUTOTUNE) \
-        .prefetch(tf.data.AUTOTUNE)
+    return batches.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def resume_epoch(backup_dir):
+    """The epoch a BackupAndRestore checkpoint in ``backup_dir`` resumes at (0 without one)."""
+    checkpoint = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    if checkpoint is None:
+        return 0
+    try:
+        return int(tf.train.load_variable(checkpoint, "ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) + 1
+    except (tf.errors.NotFoundError, ValueError) as err:
+        raise NotAModelError(f"{checkpoint} is not a readable BackupAndRestore checkpoint: {err}") from err
 
 
 def _subset_keep(config, store, raw_train):
@@ -334,13 +349,8 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     keep = _subset_keep(config, store, raw_train)
 
     if store is not None:
-        train_ds = overlay.training_dataset(
-            store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
-            seed=config.seed, paper_mode=config.paper_overlay,
-            cached_targets_order=config.cached_targets_order, keep_indices=keep)
         num_train = store.num_examples if keep is None else len(keep)
     else:
-        train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep)
         num_train = data.count_examples(raw_train) if keep is None else len(keep)
     steps_per_epoch = -(-num_train // config.batch_size)
     val_raw, _ = data.load(config.dataset, config.val_split, config.data_dir)
@@ -353,6 +363,17 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     else:
         if not holds_files(backup_dir) and os.path.exists(history_path):
             os.remove(history_path)  # epochs logged by a run that left no checkpoint cannot be resumed
+        # The input stream starts where BackupAndRestore will resume, so a resumed run trains
+        # on exactly the batches an uninterrupted one would have.
+        first_epoch = resume_epoch(backup_dir)
+        if store is not None:
+            train_ds = overlay.training_dataset(
+                store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
+                seed=config.seed, paper_mode=config.paper_overlay, cached_targets_order=config.cached_targets_order,
+                keep_indices=keep, epochs=config.epochs, initial_epoch=first_epoch)
+        else:
+            train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep, epochs=config.epochs,
+                                              initial_epoch=first_epoch)
         val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
         student = models.build_student(config.keep_blocks, num_classes=num_classes,
                                        width_multiplier=config.width_multiplier)
@@ -369,8 +390,8 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         # BackupAndRestore removes the backup at the end of training.
         callbacks = [EpochTimer(), SaveStudentAtEnd(student_path), keras.callbacks.CSVLogger(history_path, append=True),
                      keras.callbacks.BackupAndRestore(backup_dir), *extra_callbacks]
-        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, callbacks=callbacks,
-                  verbose=config.verbose if progress else 0)
+        model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                  callbacks=callbacks, verbose=config.verbose if progress else 0)
     history = read_epoch_log(history_path)
     val_accuracy, num_val = evaluate_student(student, config.dataset, config.val_split, config.data_dir)
     results = {

@@ -102,3 +102,31 @@ def test_map_shape_must_match_image():
     images, _ = _batch(size=8)
     with pytest.raises(ShapeMismatchError):
         overlay.overlay_batch(images, tf.zeros((6, 7, 8)), SEED, p=0.5)
+
+
+def _batches(dataset):
+    return [(batch.numpy().tolist(), seed.numpy().tolist()) for batch, seed in dataset]
+
+
+def test_seeded_epochs_resumed_at_epoch_k_equal_the_tail_of_a_full_run():
+    examples = tf.data.Dataset.range(10)
+    full = _batches(overlay.seeded_epochs(examples, 4, seed=3, epochs=3))
+    assert len(full) == 9  # 3 epochs x ceil(10 / 4) batches
+    resumed = _batches(overlay.seeded_epochs(examples, 4, seed=3, epochs=3, initial_epoch=1))
+    assert resumed == full[3:]
+    epoch_orders = [sum((batch for batch, _ in full[start:start + 3]), []) for start in (0, 3, 6)]
+    assert all(sorted(order) == list(range(10)) for order in epoch_orders)
+    assert len({tuple(order) for order in epoch_orders}) == 3  # each epoch has its own order
+    assert len({tuple(seed) for _, seed in full}) == 9  # and every batch its own seed
+    assert _batches(overlay.seeded_epochs(examples, 4, seed=4, epochs=3)) != full
+
+
+def test_seeded_epochs_without_epochs_reshuffle_on_each_iteration():
+    dataset = overlay.seeded_epochs(tf.data.Dataset.range(50), 50, seed=0)
+    first, second = _batches(dataset), _batches(dataset)
+    assert len(first) == len(second) == 1 and first != second
+
+
+def test_seeded_epochs_refuse_a_resume_point_past_the_end():
+    with pytest.raises(InvalidArgumentError):
+        overlay.seeded_epochs(tf.data.Dataset.range(4), 2, epochs=2, initial_epoch=3)

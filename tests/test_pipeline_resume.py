@@ -92,6 +92,20 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
     assert not holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
 
 
+@pytest.mark.parametrize("method", ["kd_ig", "student"])
+def test_resumed_run_trains_the_same_student_as_an_uninterrupted_one(tmp_path, teacher_path, method):
+    config = _config(teacher_path, method=method)
+    whole = pipeline.run_distillation(config, str(tmp_path / "whole"), progress=False)
+    resumed_dir = str(tmp_path / "resumed")
+    with pytest.raises(SimulatedKill):
+        pipeline.run_distillation(config, resumed_dir, progress=False, extra_callbacks=[KillAtEpochEnd(0)])
+    resumed = pipeline.run_distillation(config, resumed_dir, progress=False)
+    for before, after in zip(keras.models.load_model(whole["student_path"], compile=False).get_weights(),
+                             keras.models.load_model(resumed["student_path"], compile=False).get_weights()):
+        np.testing.assert_allclose(before, after, rtol=0, atol=1e-6)
+    assert resumed["history"]["loss"] == pytest.approx(whole["history"]["loss"], abs=1e-6)
+
+
 def test_run_killed_after_training_only_redoes_evaluation_and_export(tmp_path, teacher_path):
     workdir = str(tmp_path / "run")
     with pytest.raises(SimulatedKill):
