@@ -129,9 +129,13 @@ def seeded_epochs(examples, batch_size, seed=0, shuffle=True, shuffle_buffer=Non
     """
     if epochs is not None and not 0 <= initial_epoch <= epochs:
         raise InvalidArgumentError(f"need 0 <= initial_epoch <= epochs, got {initial_epoch} and {epochs}")
-    examples = examples.cache()
-    buffer = shuffle_buffer or max(int(examples.cardinality()), 1)
     seed = int(seed)
+    if not 0 <= seed < 2**31:  # seed * EPOCH_STRIDE must stay inside int64
+        raise InvalidArgumentError(f"seed must be in [0, 2**31), got {seed}")
+    examples = examples.cache()
+    buffer = shuffle_buffer or int(examples.cardinality())
+    if buffer < 1:  # unknown cardinality (e.g. after a filter): count once; the data is cached
+        buffer = max(int(examples.reduce(0, lambda count, _: count + 1)), 1)
     if epochs is None:
         ordered = examples.shuffle(buffer, seed=seed, reshuffle_each_iteration=True) if shuffle else examples
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)

@@ -108,6 +108,8 @@ class DistillConfig:
             raise UnknownKeyError(f"unknown lr_schedule {self.lr_schedule!r}; known: {LR_SCHEDULES}")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise InvalidArgumentError("epochs, batch_size and learning_rate must be positive")
+        if not 0 <= self.seed < 2**31:
+            raise InvalidArgumentError(f"seed must be in [0, 2**31), got {self.seed}")
         if not 0.0 < self.subset_fraction <= 1.0:
             raise InvalidArgumentError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.cached_targets_order not in overlay.TARGET_ORDERS:

@@ -79,6 +79,7 @@ def test_bad_flag_exits_2_with_one_line_and_writes_nothing(tmp_path, teachers):
     (dict(p=-0.2), InvalidArgumentError),
     (dict(p=1.2), InvalidArgumentError),
     (dict(method="distill_harder"), UnknownKeyError),
+    (dict(seed=-1), InvalidArgumentError),
     (dict(export_modes="fp64"), UnknownKeyError),
 ])
 def test_bad_settings_are_refused_before_writing(tmp_path, overrides, error):

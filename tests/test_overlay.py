@@ -127,6 +127,14 @@ def test_seeded_epochs_without_epochs_reshuffle_on_each_iteration():
     assert len(first) == len(second) == 1 and first != second
 
 
-def test_seeded_epochs_refuse_a_resume_point_past_the_end():
+def test_seeded_epochs_refuse_a_resume_point_past_the_end_and_bad_seeds():
     with pytest.raises(InvalidArgumentError):
         overlay.seeded_epochs(tf.data.Dataset.range(4), 2, epochs=2, initial_epoch=3)
+    with pytest.raises(InvalidArgumentError):
+        overlay.seeded_epochs(tf.data.Dataset.range(4), 2, seed=-1, epochs=2)
+
+
+def test_seeded_epochs_shuffle_all_examples_when_the_size_is_unknown():
+    examples = tf.data.Dataset.range(40).filter(lambda value: value >= 0)  # cardinality unknown
+    (batch, _), = _batches(overlay.seeded_epochs(examples, 40, seed=1, epochs=1))
+    assert sorted(batch) == list(range(40)) and batch != list(range(40))
