@@ -17,6 +17,7 @@ import tf_keras as keras
 
 from ai_edge_litert.interpreter import Interpreter
 
+from kdig_tf import models
 from kdig_tf.errors import (InvalidArgumentError, NotAModelError, ShapeMismatchError,
                             SidecarMismatchError, UnknownKeyError, UnsupportedLayerError)
 from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
@@ -199,7 +200,7 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
             "name": model.name,
             "weights_sha256": weights_sha256(model),
             # Trainable only, as everywhere else in kdig_tf (count_params adds BN statistics).
-            "params": int(sum(np.prod(weight.shape) for weight in model.trainable_weights)),
+            "params": models.count_trainable_params(model),
             "params_including_non_trainable": int(model.count_params()),
         },
         "conversion": dict(
@@ -421,6 +422,7 @@ def check_export(keras_model, tflite_path, images, labels):
     if logits.shape != reference.shape:
         raise ShapeMismatchError(f"tflite logits {logits.shape} vs keras {reference.shape}")
     keras_top1, lite_top1 = reference.argmax(-1), logits.argmax(-1)
+    reduced = lite.reduced_precision_dtypes()
     return {
         "num_images": int(len(images)),
         "keras_accuracy": float(np.mean(keras_top1 == labels)),
@@ -430,8 +432,8 @@ def check_export(keras_model, tflite_path, images, labels):
         "max_abs_logit_diff": float(np.max(np.abs(logits - reference))),
         # An int8 model with float I/O has unquantised I/O tensors, so look inside the graph.
         "float_io": lite.input_spec["quantization"] is None and lite.output_spec["quantization"] is None,
-        "float_model": not lite.reduced_precision_dtypes(),
-        "reduced_precision_dtypes": lite.reduced_precision_dtypes(),
+        "float_model": not reduced,
+        "reduced_precision_dtypes": reduced,
     }
 
 
