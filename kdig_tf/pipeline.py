@@ -377,6 +377,10 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
             train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep, epochs=config.epochs,
                                               initial_epoch=first_epoch)
         val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
+        # Reseeded here because loading the teacher and building the store consume random
+        # ops: every arm of a campaign then starts from the same weights for the same seed
+        # (and sees the same batches), so arms can be compared seed by seed.
+        keras.utils.set_random_seed(config.seed)
         student = models.build_student(config.keep_blocks, num_classes=num_classes,
                                        width_multiplier=config.width_multiplier)
         at_loss = None

@@ -22,6 +22,8 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
     ``vs_reference`` is Welch's test, Cohen's d, Hedges' g and the mean difference with its
     CI; ``p_holm`` adjusts the p-values over all arms tested against the reference. An arm
     ``X_shuffled`` is also compared with ``X`` (``vs_aligned``): the misalignment control.
+    ``vs_reference_paired`` / ``vs_aligned_paired`` add the paired t-test over the seeds both
+    arms finished (runs with the same seed start from the same student and batches).
     """
     arms, values, seeds, unfinished = [], {}, {}, {}
     for row in rows:
@@ -40,14 +42,31 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
         entry.update(values=values[arm], seeds=seeds[arm], unfinished=unfinished[arm])
         if arm != reference and values[arm] and values.get(reference):
             entry["vs_reference"] = stats.compare(values[arm], values[reference], confidence)
+            paired = _paired(values, seeds, arm, reference, confidence)
+            if paired:
+                entry["vs_reference_paired"] = paired
         aligned = arm[:-len(SHUFFLED_SUFFIX)] if arm.endswith(SHUFFLED_SUFFIX) else None
         if aligned and values[arm] and values.get(aligned):
             entry["vs_aligned"] = dict(stats.compare(values[arm], values[aligned], confidence), arm=aligned)
+            paired = _paired(values, seeds, arm, aligned, confidence)
+            if paired:
+                entry["vs_aligned_paired"] = dict(paired, arm=aligned)
         summary[arm] = entry
     tested = [arm for arm in arms if "vs_reference" in summary[arm]]
     for arm, adjusted in zip(tested, stats.holm([summary[arm]["vs_reference"]["p"] for arm in tested])):
         summary[arm]["vs_reference"]["p_holm"] = adjusted
     return summary
+
+
+def _paired(values, seeds, arm, other, confidence):
+    """Paired t-test of ``arm`` - ``other`` over the seeds both finished; None below 2 pairs."""
+    by_seed = [dict(zip(seeds[name], values[name])) for name in (arm, other)]
+    common = sorted(set(by_seed[0]) & set(by_seed[1]), key=str)
+    if len(common) < 2 or None in common:
+        return None
+    result = stats.paired_ttest([by_seed[0][seed] for seed in common], [by_seed[1][seed] for seed in common],
+                                confidence)
+    return dict(result, seeds=common)
 
 
 def rank_trials(rows, params):
@@ -107,11 +126,15 @@ def _fmt_p(value):
     return "<1e-4" if value < 1e-4 else f"{value:.4f}"
 
 
+def _diff_ci(cmp):
+    return f"{cmp['mean_diff']:+.2f} [{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}]"
+
+
 def arms_markdown(arms, reference, metric_label):
     lines = [
         f"| arm | n | {metric_label} mean ± sd | min | max | Δ vs {reference} [95% CI] | t | dof | p | p (Holm) "
-        f"| Cohen's d | Hedges' g |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| Cohen's d | Hedges' g | paired Δ [95% CI] | paired p (pairs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in arms.items():
         cmp = entry.get("vs_reference")
@@ -120,12 +143,13 @@ def arms_markdown(arms, reference, metric_label):
             low, high = _fmt(entry["min"]), _fmt(entry["max"])
         else:
             spread, low, high = "no finished runs", "", ""
+        paired = entry.get("vs_reference_paired")
         if cmp:
-            tests = [f"{cmp['mean_diff']:+.2f} [{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}]",
-                     _fmt(cmp["t"]), _fmt(cmp["dof"], ".1f"), _fmt_p(cmp["p"]), _fmt_p(cmp.get("p_holm")),
-                     _fmt(cmp["cohens_d"]), _fmt(cmp["hedges_g"])]
+            tests = [_diff_ci(cmp), _fmt(cmp["t"]), _fmt(cmp["dof"], ".1f"), _fmt_p(cmp["p"]),
+                     _fmt_p(cmp.get("p_holm")), _fmt(cmp["cohens_d"]), _fmt(cmp["hedges_g"])]
+            tests += [_diff_ci(paired), f"{_fmt_p(paired['p'])} ({paired['n']})"] if paired else ["n/a", "n/a"]
         else:
-            tests = ["(reference)" if arm == reference else "n/a"] + [""] * 6
+            tests = ["(reference)" if arm == reference else "n/a"] + [""] * 8
         lines.append("| " + " | ".join([arm, str(entry["n"]), spread, low, high, *tests]) + " |")
     return "\n".join(lines)
 
@@ -137,16 +161,19 @@ def ablation_markdown(summary):
         "",
         f"Validation accuracy (%) on `{splits['val_split']}`, {summary['protocol']}. Welch's t-test "
         f"(two-sided) and effect sizes against `{summary['reference']}`; Holm's adjustment over the arms "
-        f"tested against it.",
+        f"tested against it. The paired columns test the per-seed differences (runs with the same seed "
+        f"start from the same student and see the same batches).",
         "",
         arms_markdown(summary["arms"], summary["reference"], "val acc"),
     ]
     for arm, entry in summary["arms"].items():
         if "vs_aligned" in entry:
             cmp = entry["vs_aligned"]
-            lines += ["", f"Misalignment control: `{arm}` - `{cmp['arm']}` = {cmp['mean_diff']:+.2f} "
-                          f"[{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}], "
-                          f"p = {_fmt_p(cmp['p'])} (Welch), Hedges' g = {_fmt(cmp['hedges_g'])}."]
+            paired = entry.get("vs_aligned_paired")
+            paired_text = (f"; paired over {paired['n']} seeds: {_diff_ci(paired)}, p = {_fmt_p(paired['p'])}"
+                           if paired else "")
+            lines += ["", f"Misalignment control: `{arm}` - `{cmp['arm']}` = {_diff_ci(cmp)}, "
+                          f"p = {_fmt_p(cmp['p'])} (Welch), Hedges' g = {_fmt(cmp['hedges_g'])}{paired_text}."]
     if summary.get("eval_arms"):
         lines += ["", f"## Final report on `{splits['eval_split']}`", "",
                   arms_markdown(summary["eval_arms"], summary["reference"], "eval acc")]

@@ -7,6 +7,8 @@ differences, t statistics and effect sizes mean ``a`` scored higher.
 * Cohen's d with the pooled standard deviation, and Hedges' g (d times the exact
   small-sample correction J, which matters at 10 runs per arm).
 * The mean difference with a Welch confidence interval (same dof as the test).
+* The paired t-test on per-seed differences, for arms whose runs share seeds (same initial
+  weights and batches for the same seed).
 * Holm's step-down adjustment, for several methods tested against one reference.
 
 Degenerate inputs (fewer than 2 values, or zero variance in both groups) give NaN
@@ -127,6 +129,34 @@ def compare(a, b, confidence=0.95):
         "cohens_d": cohens_d(a, b),
         "hedges_g": hedges_g(a, b),
     }
+
+
+def paired_ttest(a, b, confidence=0.95):
+    """Two-sided t-test of mean(a - b) == 0 for paired values (a[i] and b[i] share a seed).
+
+    dict with n, mean_diff, its confidence interval, t, dof and p. Pairing removes the
+    seed-to-seed variation both arms share, so it can detect differences Welch's test cannot.
+    """
+    a, b = _as_values(a, "a"), _as_values(b, "b")
+    if a.size != b.size:
+        raise InvalidArgumentError(f"paired values need equal lengths, got {a.size} and {b.size}")
+    if not 0.0 < confidence < 1.0:
+        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence}")
+    diffs = a - b
+    mean = float(diffs.mean())
+    result = {"n": int(diffs.size), "mean_diff": mean, "ci_low": math.nan, "ci_high": math.nan,
+              "confidence": confidence, "t": math.nan, "dof": math.nan, "p": math.nan}
+    if diffs.size < 2:
+        return result
+    dof = diffs.size - 1
+    se = float(diffs.std(ddof=1) / math.sqrt(diffs.size))
+    result["dof"] = float(dof)
+    if se == 0.0:
+        return result
+    half = scipy_stats.t.ppf(0.5 + confidence / 2.0, dof) * se
+    t = mean / se
+    result.update(ci_low=mean - half, ci_high=mean + half, t=t, p=float(2.0 * scipy_stats.t.sf(abs(t), dof)))
+    return result
 
 
 def holm(pvalues):

@@ -214,8 +214,13 @@ def test_ablation_summary_and_plot(tmp_path):
     assert kd["vs_reference"]["p"] == pytest.approx(reference.pvalue)
     assert kd["vs_reference"]["mean_diff"] == pytest.approx(93.1666667 - 91.0)
     assert kd["vs_reference"]["p_holm"] >= kd["vs_reference"]["p"]
+    paired = scipy_stats.ttest_rel(ACCURACIES["kd"], ACCURACIES["student"])
+    assert kd["vs_reference_paired"]["p"] == pytest.approx(paired.pvalue)
+    assert kd["vs_reference_paired"]["seeds"] == [0, 1, 2]
     shuffled = summary["arms"]["kd_ig_shuffled"]
     assert shuffled["vs_aligned"]["arm"] == "kd_ig" and shuffled["vs_aligned"]["mean_diff"] < 0
+    assert shuffled["vs_aligned_paired"]["t"] == pytest.approx(
+        scipy_stats.ttest_rel(ACCURACIES["kd_ig_shuffled"], ACCURACIES["kd_ig"]).statistic)
     assert all("--cached_targets_order=shuffled" in command for command in shuffled["commands"])
     assert len(shuffled["commands"]) == 3
     for name in ("runs.csv", "runs.json", "summary.md"):

@@ -175,3 +175,27 @@ def test_validation_dataset_pairs_each_image_with_its_own_teacher_logits(teacher
     np.testing.assert_array_equal(got_labels, labels)
     expected = teacher(data.preprocess_teacher(tf.constant(images)), training=False).numpy()
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+class InitialWeights(keras.callbacks.Callback):
+    """Records the student's weights before the first step, then stops the run."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = self.model.student.get_weights()
+        raise SimulatedKill("initial weights recorded")
+
+
+def test_arms_with_the_same_seed_start_from_the_same_student(tmp_path, teacher_path):
+    # Loading the teacher and building the store consume random ops; the student must not
+    # depend on that, or a seed-by-seed comparison of arms would compare different inits.
+    initial = {}
+    for method, seed in [("student", 3), ("kd_ig", 3), ("kd_ig", 4)]:
+        recorder = InitialWeights()
+        with pytest.raises(SimulatedKill):
+            pipeline.run_distillation(_config(teacher_path, method=method, seed=seed),
+                                      str(tmp_path / f"{method}_{seed}"), progress=False,
+                                      extra_callbacks=[recorder])
+        initial[method, seed] = recorder.weights
+    for student, distilled in zip(initial["student", 3], initial["kd_ig", 3]):
+        np.testing.assert_array_equal(student, distilled)
+    assert any(not np.array_equal(a, b) for a, b in zip(initial["kd_ig", 3], initial["kd_ig", 4]))

@@ -54,6 +54,26 @@ def test_compare_bundles_everything():
     assert result["cohens_d"] > 0 and 0 < result["hedges_g"] < result["cohens_d"]
 
 
+@pytest.mark.parametrize("a, b", [(A, B[:5]), ([91.0, 90.2, 92.4], [90.1, 90.0, 91.3])])
+def test_paired_ttest_matches_scipy(a, b):
+    ours = stats.paired_ttest(a, b)
+    reference = scipy_stats.ttest_rel(a, b)
+    assert ours["t"] == pytest.approx(reference.statistic, rel=1e-12)
+    assert ours["p"] == pytest.approx(reference.pvalue, rel=1e-9)
+    assert ours["dof"] == reference.df
+    low, high = reference.confidence_interval(0.95)
+    assert (ours["ci_low"], ours["ci_high"]) == (pytest.approx(low), pytest.approx(high))
+    assert ours["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
+
+
+def test_paired_ttest_degenerate_and_bad_inputs():
+    assert math.isnan(stats.paired_ttest([1.0], [2.0])["p"])
+    constant = stats.paired_ttest([2.0, 3.0], [1.0, 2.0])  # every difference is 1: no spread
+    assert constant["mean_diff"] == 1.0 and math.isnan(constant["p"])
+    with pytest.raises(InvalidArgumentError):
+        stats.paired_ttest([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
 def test_holm():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     adjusted = stats.holm([0.2, float("nan"), 0.9])
