@@ -85,12 +85,18 @@ def crop_flip_batch(images, seed, pad=4):
     return tf.gather(cropped, columns, axis=2, batch_dims=1)
 
 
+def split_batch_seed(seed):
+    """A batch's (crop_seed, overlay_seed). Pipelines without an overlay crop with the same
+    crop_seed, so every arm of a campaign sees the same crops for the same seed."""
+    return tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+
 def augment_and_overlay(images_uint8, maps, seed, p, beta=0.5, power_range=(1.0, 2.0), augment=True,
                         paper_mode=False):
     """uint8 images + maps -> student inputs in [0,1], crop/flip then overlay."""
     images = tf.cast(images_uint8, tf.float32) / 255.0
     maps = tf.convert_to_tensor(maps, tf.float32)
-    crop_seed, overlay_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    crop_seed, overlay_seed = split_batch_seed(seed)
     if augment:
         if paper_mode:
             images = crop_flip_batch(images, crop_seed)

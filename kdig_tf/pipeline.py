@@ -193,7 +193,8 @@ def plain_training_dataset(ds, batch_size, seed=0, keep=None, epochs=None, initi
 
     def augment(batch, batch_seed):
         images, labels, ids = batch
-        inputs = overlay.crop_flip_batch(tf.cast(images, tf.float32) / 255.0, batch_seed)
+        crop_seed, _ = overlay.split_batch_seed(batch_seed)
+        inputs = overlay.crop_flip_batch(tf.cast(images, tf.float32) / 255.0, crop_seed)
         return inputs, labels, ids
     return batches.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 

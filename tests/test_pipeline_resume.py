@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 import tf_keras as keras
 
-from kdig_tf import data, models, pipeline
+from kdig_tf import data, models, overlay, pipeline
 from kdig_tf.errors import StaleRunError
 from kdig_tf.io_utils import holds_files, read_epoch_log
 
@@ -199,3 +199,20 @@ def test_arms_with_the_same_seed_start_from_the_same_student(tmp_path, teacher_p
     for student, distilled in zip(initial["student", 3], initial["kd_ig", 3]):
         np.testing.assert_array_equal(student, distilled)
     assert any(not np.array_equal(a, b) for a, b in zip(initial["kd_ig", 3], initial["kd_ig", 4]))
+
+
+def test_student_arm_sees_the_same_batches_as_the_store_arms(tmp_path, teacher_path):
+    # The student arm reads the raw split, the KD arms the store: same seed, same images, same crops.
+    config = _config(teacher_path, seed=5)
+    teacher = pipeline.load_teacher(teacher_path, 10)
+    store = pipeline.ensure_store(config, teacher, str(tmp_path / "store"), progress=False)
+    raw, _ = data.load(config.dataset, config.train_split, config.data_dir)
+    plain = pipeline.plain_training_dataset(raw, 4, seed=5, epochs=2)
+    stored = overlay.training_dataset(store, 4, p=0.0, seed=5, epochs=2)
+    batches = 0
+    for (plain_inputs, plain_labels, plain_ids), (inputs, labels, _, ids) in zip(plain, stored):
+        np.testing.assert_array_equal(plain_ids.numpy(), ids.numpy())
+        np.testing.assert_array_equal(plain_labels.numpy(), labels.numpy())
+        np.testing.assert_allclose(plain_inputs.numpy(), inputs.numpy(), rtol=0, atol=1e-6)
+        batches += 1
+    assert batches == 2 * 3  # 12 examples, batch 4, two epochs
