@@ -11,6 +11,7 @@ validation checkpoint is ``<workdir>/best.weights.h5``; at the end the best mode
 written as ``<workdir>/teacher.h5`` (a full tf-keras model) with ``teacher.json``.
 Rerunning a finished run only exports again; a workdir whose log has epochs but no
 checkpoint to resume from is refused rather than silently retrained from scratch.
+``--init_weights`` starts a new workdir from a trained teacher (a second cosine cycle).
 """
 import os
 import sys
@@ -40,6 +41,9 @@ flags.DEFINE_float("width_multiplier", 1.0, "Width multiplier of the teacher.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 1 = progress bar, 2 = one line per epoch.")
 flags.DEFINE_integer("limit_train", 0, "If > 0, use only this many training images (smoke tests).")
+flags.DEFINE_string("init_weights", None, "Start a new run from this teacher (.h5/.keras/weights file) "
+                    "instead of random weights, e.g. a second, shorter cosine cycle at a lower --learning_rate. "
+                    "Ignored when the workdir resumes.")
 flags.DEFINE_bool("export_only", False, "Do not train: export the best checkpoint so far as teacher.h5 "
                   "(e.g. an interim teacher while a long run continues).")
 
@@ -57,7 +61,7 @@ def _train():
     import tf_keras as keras
 
     from kdig_tf import data, models
-    from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
+    from kdig_tf.errors import InvalidArgumentError, NotAModelError, ShapeMismatchError, StaleRunError
     from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log
 
     if FLAGS.epochs < 1 or FLAGS.batch_size < 1:
@@ -114,6 +118,15 @@ def _train():
     if finished and not FLAGS.export_only:
         print(f"training finished earlier ({len(epochs_done)} epochs logged in {history_path}); exporting")
     start = time.time()
+    if FLAGS.init_weights and not FLAGS.export_only and not finished and not resumable:
+        from kdig_tf import loading
+        source = loading.load_model(FLAGS.init_weights, arch="teacher", num_classes=num_classes,
+                                    width_multiplier=FLAGS.width_multiplier)
+        if [w.shape for w in source.weights] != [w.shape for w in model.weights]:
+            raise ShapeMismatchError(f"{FLAGS.init_weights} does not match the teacher architecture "
+                                     f"(width_multiplier={FLAGS.width_multiplier})")
+        model.set_weights(source.get_weights())
+        print(f"initialised from {FLAGS.init_weights}")
     if not FLAGS.export_only and not finished:
         # The epoch is logged and checkpointed before it is backed up: a kill in between makes
         # the resumed run redo and log it again (read_epoch_log keeps the later row), never
@@ -154,7 +167,7 @@ def _train():
 
 _OWN_FLAGS = ("workdir", "dataset", "data_dir", "train_split", "val_split", "epochs", "batch_size",
               "learning_rate", "warmup_epochs", "momentum", "weight_decay", "label_smoothing",
-              "width_multiplier", "seed", "limit_train")
+              "width_multiplier", "seed", "limit_train", "init_weights")
 
 if __name__ == "__main__":
     app.run(main)

@@ -29,12 +29,12 @@ with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_
 """
 
 
-def _train(tmp_path, workdir, epochs, kill_after=None):
+def _train(tmp_path, workdir, epochs, kill_after=None, extra=()):
     runner = tmp_path / "mock_train_teacher.py"
     runner.write_text(RUNNER.format(root=ROOT))
     env = dict(os.environ, KILL_AFTER_EPOCH=str(-1 if kill_after is None else kill_after))
     flags = [f"--workdir={workdir}", "--train_split=train", "--val_split=train", f"--epochs={epochs}",
-             "--batch_size=8", "--width_multiplier=0.25", "--warmup_epochs=0", "--verbose=0"]
+             "--batch_size=8", "--width_multiplier=0.25", "--warmup_epochs=0", "--verbose=0", *extra]
     return subprocess.run([sys.executable, str(runner), *flags], capture_output=True, text=True, cwd=ROOT,
                           env=env)
 
@@ -72,3 +72,29 @@ def test_log_without_a_checkpoint_is_refused(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("error: StaleRunError:")
     assert _logged_epochs(workdir) == [0]
+
+
+def test_init_weights_starts_from_the_given_teacher(tmp_path):
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np
+    import tf_keras as keras
+
+    from kdig_tf import models
+    source = models.build_teacher(width_multiplier=0.25)
+    source_path = tmp_path / "source.h5"
+    source.save(source_path)
+    # lr 0 also zeroes the decoupled weight decay: the trainable weights must stay the source's.
+    run = _train(tmp_path, tmp_path / "second_cycle", epochs=1,
+                 extra=[f"--init_weights={source_path}", "--learning_rate=0"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    trained = keras.models.load_model(tmp_path / "second_cycle" / "teacher.h5", compile=False)
+    for before, after in zip(source.trainable_weights, trained.trainable_weights):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+    summary = json.loads((tmp_path / "second_cycle" / "teacher.json").read_text())
+    assert summary["flags"]["init_weights"] == str(source_path)
+
+    wider_path = tmp_path / "wider.h5"
+    models.build_teacher(width_multiplier=0.5).save(wider_path)
+    refused = _train(tmp_path, tmp_path / "refused", epochs=1, extra=[f"--init_weights={wider_path}"])
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ShapeMismatchError:")
