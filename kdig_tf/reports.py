@@ -61,9 +61,10 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
 def _paired(values, seeds, arm, other, confidence):
     """Paired t-test of ``arm`` - ``other`` over the seeds both finished; None below 2 pairs."""
     by_seed = [dict(zip(seeds[name], values[name])) for name in (arm, other)]
-    common = sorted(set(by_seed[0]) & set(by_seed[1]), key=str)
+    common = set(by_seed[0]) & set(by_seed[1])
     if len(common) < 2 or None in common:
         return None
+    common = sorted(common)
     result = stats.paired_ttest([by_seed[0][seed] for seed in common], [by_seed[1][seed] for seed in common],
                                 confidence)
     return dict(result, seeds=common)

@@ -70,17 +70,25 @@ def welch_ttest(a, b):
     return {"t": float(t), "dof": float(dof), "p": float(p)}
 
 
-def mean_difference_ci(a, b, confidence=0.95):
-    """mean(a) - mean(b) with its Welch confidence interval: dict diff, low, high, confidence."""
+def _check_confidence(confidence):
     if not 0.0 < confidence < 1.0:
         raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence}")
-    diff, se, dof = _welch_parts(a, b)
+
+
+def _t_interval(diff, se, dof, confidence):
+    """(low, high) of diff +- t_{dof} * se; NaN when dof is undefined."""
     if math.isnan(dof):
-        low = high = math.nan
-    else:
-        half = scipy_stats.t.ppf(0.5 + confidence / 2.0, dof) * se
-        low, high = diff - half, diff + half
-    return {"diff": diff, "low": float(low), "high": float(high), "confidence": confidence}
+        return math.nan, math.nan
+    half = scipy_stats.t.ppf(0.5 + confidence / 2.0, dof) * se
+    return float(diff - half), float(diff + half)
+
+
+def mean_difference_ci(a, b, confidence=0.95):
+    """mean(a) - mean(b) with its Welch confidence interval: dict diff, low, high, confidence."""
+    _check_confidence(confidence)
+    diff, se, dof = _welch_parts(a, b)
+    low, high = _t_interval(diff, se, dof, confidence)
+    return {"diff": diff, "low": low, "high": high, "confidence": confidence}
 
 
 def pooled_sd(a, b):
@@ -140,8 +148,7 @@ def paired_ttest(a, b, confidence=0.95):
     a, b = _as_values(a, "a"), _as_values(b, "b")
     if a.size != b.size:
         raise InvalidArgumentError(f"paired values need equal lengths, got {a.size} and {b.size}")
-    if not 0.0 < confidence < 1.0:
-        raise InvalidArgumentError(f"confidence must be in (0, 1), got {confidence}")
+    _check_confidence(confidence)
     diffs = a - b
     mean = float(diffs.mean())
     result = {"n": int(diffs.size), "mean_diff": mean, "ci_low": math.nan, "ci_high": math.nan,
@@ -153,9 +160,9 @@ def paired_ttest(a, b, confidence=0.95):
     result["dof"] = float(dof)
     if se == 0.0:
         return result
-    half = scipy_stats.t.ppf(0.5 + confidence / 2.0, dof) * se
+    low, high = _t_interval(mean, se, dof, confidence)
     t = mean / se
-    result.update(ci_low=mean - half, ci_high=mean + half, t=t, p=float(2.0 * scipy_stats.t.sf(abs(t), dof)))
+    result.update(ci_low=low, ci_high=high, t=t, p=float(2.0 * scipy_stats.t.sf(abs(t), dof)))
     return result
 
 
