@@ -41,11 +41,23 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
     base, extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
     common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
     runs = experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, subset_fraction, common)
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log)
-    experiments.write_rows(rows, output_dir)
-    if dry_run:
-        return None
 
+    def report(rows):
+        experiments.write_rows(rows, output_dir)
+        return _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction,
+                                      reference, final_report)
+
+    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
+                                    progress=None if dry_run else report)
+    if dry_run:
+        experiments.write_rows(rows, output_dir)
+        return None
+    return report(rows)
+
+
+def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction, reference,
+                           final_report):
+    """summary.{json,md} and ablation.png from the rows so far (only finished runs count)."""
     protocol = (f"{len(seeds)} seeds per arm ({', '.join(map(str, seeds))})" +
                 (f", each on a stratified random {subset_fraction:.0%} subset of the training split "
                  f"(subset seed = run seed, shared across arms)" if subset_fraction < 1.0 else ""))
@@ -170,7 +182,8 @@ def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid"
     common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
     common.update(method_flags, val_split=val_split)
     runs = experiments.trial_runs(os.path.join(output_dir, "trials"), trials, list(seeds), common)
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log)
+    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
+                                    progress=lambda rows_so_far: experiments.write_rows(rows_so_far, output_dir))
     experiments.write_rows(rows, output_dir)
     if dry_run:
         return None
@@ -271,7 +284,8 @@ def run_compression_sweep(output_dir, flagfile, keep_blocks, arms, seeds, extra_
         runs += experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, 1.0,
                                       dict(store, **extra, keep_blocks=keep), {"keep_blocks": keep},
                                       subdir=f"k{keep}")
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log)
+    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
+                                    progress=lambda rows_so_far: experiments.write_rows(rows_so_far, output_dir))
     experiments.write_rows(rows, output_dir)
     if dry_run:
         return None

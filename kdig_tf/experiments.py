@@ -289,8 +289,12 @@ def _row(run, status, returncode, command, results, wall_seconds):
 
 
 def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTILL_SCRIPT, python=None,
-                 dry_run=False, log=print):
-    """Launch every unfinished run; return one row per run (status ok / skipped / failed / pending)."""
+                 dry_run=False, log=print, progress=None):
+    """Launch every unfinished run; return one row per run (status ok / skipped / failed / pending).
+
+    ``progress(rows)``, if given, is called after every launched run with one row per run (runs not
+    reached yet are "pending"), so a campaign killed after hours still leaves an up-to-date table.
+    """
     flagfile = os.path.abspath(flagfile) if flagfile else None
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
@@ -301,34 +305,40 @@ def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTI
         if os.path.exists(os.path.join(run.workdir, RESULTS_FILE)):
             _check_not_stale(run, record)
 
-    rows, failures = [], 0
-    for index, (run, record) in enumerate(zip(runs, records), 1):
-        command = build_command(run, flagfile, script, python)
+    commands = [build_command(run, flagfile, script, python) for run in runs]
+    rows = []
+    for run, command in zip(runs, commands):
         results_path = os.path.join(run.workdir, RESULTS_FILE)
         results = read_json_or_none(results_path) if os.path.exists(results_path) else None
-        if results is not None:
-            log(f"[{index}/{len(runs)}] skip {run.name}: {RESULTS_FILE} exists")
-            rows.append(_row(run, "skipped", None, command, results, None))
+        rows.append(_row(run, "pending", None, command, None, None) if results is None
+                    else _row(run, "skipped", None, command, results, None))
+
+    failures = 0
+    for index, (run, record, command) in enumerate(zip(runs, records, commands)):
+        tag = f"[{index + 1}/{len(runs)}]"
+        if rows[index]["status"] == "skipped":
+            log(f"{tag} skip {run.name}: {RESULTS_FILE} exists")
             continue
         if dry_run:
-            log(f"[{index}/{len(runs)}] would run: {shlex.join(command)}")
-            rows.append(_row(run, "pending", None, command, None, None))
+            log(f"{tag} would run: {shlex.join(command)}")
             continue
         os.makedirs(run.workdir, exist_ok=True)
         atomic_write_json(os.path.join(run.workdir, COMMAND_FILE), record)
         log_path = os.path.join(run.workdir, LOG_FILE)
-        log(f"[{index}/{len(runs)}] run {run.name} (log: {log_path})")
+        log(f"{tag} run {run.name} (log: {log_path})")
         start = time.time()
         returncode = launcher(command, log_path)
         wall = time.time() - start
-        results = read_json_or_none(results_path)
+        results = read_json_or_none(os.path.join(run.workdir, RESULTS_FILE))
         if returncode == 0 and results is not None:
-            rows.append(_row(run, "ok", returncode, command, results, wall))
+            rows[index] = _row(run, "ok", returncode, command, results, wall)
         else:
             failures += 1
-            log(f"[{index}/{len(runs)}] FAILED {run.name} (exit {returncode}); see {log_path}; "
+            log(f"{tag} FAILED {run.name} (exit {returncode}); see {log_path}; "
                 f"it will be retried on the next invocation")
-            rows.append(_row(run, "failed", returncode, command, None, wall))
+            rows[index] = _row(run, "failed", returncode, command, None, wall)
+        if progress is not None:
+            progress(list(rows))
     done = sum(row["status"] in FINISHED for row in rows)
     log(f"{done}/{len(rows)} runs finished, {failures} failed in this invocation")
     return rows

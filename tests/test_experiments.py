@@ -238,6 +238,38 @@ def test_ablation_summary_and_plot(tmp_path):
     assert len(fake.calls) == 12 and again["arms"] == summary["arms"]
 
 
+class Killed(Exception):
+    """Stands in for the session ending (SIGTERM) in the middle of a campaign."""
+
+
+def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
+    out = str(tmp_path / "ablation")
+    fake = FakeDistill(by_arm)
+
+    def killed_on_third_run(command, log_path):
+        if len(fake.calls) == 2:
+            raise Killed
+        return fake(command, log_path)
+
+    with pytest.raises(Killed):
+        campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
+                               launcher=killed_on_third_run, log=quiet)
+    with open(os.path.join(out, "runs.json")) as handle:
+        assert [row["status"] for row in json.load(handle)] == ["ok", "ok", "pending", "pending"]
+    with open(os.path.join(out, "summary.json")) as handle:
+        partial = json.load(handle)
+    assert partial["arms"]["student"]["values"] == [ACCURACIES["student"][0]]
+    assert partial["arms"]["kd"]["unfinished"] == ["kd/seed1"]
+    assert "Unfinished runs (rerun the same command to retry): student/seed1, kd/seed1" in (
+        open(os.path.join(out, "summary.md")).read())
+
+    summary = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
+                                     launcher=fake, log=quiet)
+    assert len(fake.calls) == 4 and summary["arms"]["kd"]["n"] == 2
+    with open(os.path.join(out, "runs.json")) as handle:
+        assert [row["status"] for row in json.load(handle)] == ["skipped", "skipped", "ok", "ok"]
+
+
 def test_ablation_refuses_test_split_unless_final_report(tmp_path):
     fake = FakeDistill(by_arm)
     with pytest.raises(TestSplitSelectionError):
