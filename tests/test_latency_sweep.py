@@ -200,6 +200,23 @@ def test_train_path_with_a_fake_distill(tmp_path):
                                  **dict(kwargs, extra_flags="--width_multiplier=0.5"))
 
 
+def test_trained_sweep_is_reported_from_a_moved_checkout(tmp_path):
+    # results.json records absolute .tflite paths; a clone elsewhere must still find the files.
+    base = tmp_path / "base.cfg"
+    base.write_text("--method=kd_ig\n--epochs=1\n--store_dir=runs/store\n")
+    launch, calls = fake_distill()
+    kwargs = dict(train=True, flagfile=str(base), num_runs=2, warmup_runs=1, num_calibration=4,
+                  teacher=small_teacher(), latency_fn=size_latency, launcher=launch, command="test", log=quiet,
+                  accuracy_fn=lambda path, flags: {"accuracy": 61.0, "num_examples": 10})
+    pareto.run_latency_sweep(str(tmp_path / "first" / "sweep"), ["1"], ["0.25"], ["fp32"], **kwargs)
+    os.rename(tmp_path / "first", tmp_path / "moved")
+    report = pareto.run_latency_sweep(str(tmp_path / "moved" / "sweep"), ["1"], ["0.25"], ["fp32"], **kwargs)
+    assert len(calls) == 1
+    trained = {row["name"]: row for row in report["rows"]}["k1_w0.25"]
+    assert trained["weights"] == "trained" and trained["accuracy"] == 61.0
+    assert trained["path"].startswith(str(tmp_path / "moved"))
+
+
 def test_script_rejects_bad_flags():
     completed = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "latency_sweep.py"), "--widths=0",
                                 "--output_dir=/nonexistent/never"], capture_output=True, text=True, timeout=300)
