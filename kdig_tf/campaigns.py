@@ -43,16 +43,12 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
     runs = experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, subset_fraction, common)
 
     def report(rows):
-        experiments.write_rows(rows, output_dir)
         return _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction,
                                       reference, final_report)
 
     rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    progress=None if dry_run else report)
-    if dry_run:
-        experiments.write_rows(rows, output_dir)
-        return None
-    return report(rows)
+                                    rows_dir=output_dir, progress=None if dry_run else report)
+    return None if dry_run else report(rows)
 
 
 def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction, reference,
@@ -183,8 +179,7 @@ def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid"
     common.update(method_flags, val_split=val_split)
     runs = experiments.trial_runs(os.path.join(output_dir, "trials"), trials, list(seeds), common)
     rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    progress=lambda rows_so_far: experiments.write_rows(rows_so_far, output_dir))
-    experiments.write_rows(rows, output_dir)
+                                    rows_dir=output_dir)
     if dry_run:
         return None
 
@@ -285,8 +280,7 @@ def run_compression_sweep(output_dir, flagfile, keep_blocks, arms, seeds, extra_
                                       dict(store, **extra, keep_blocks=keep), {"keep_blocks": keep},
                                       subdir=f"k{keep}")
     rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    progress=lambda rows_so_far: experiments.write_rows(rows_so_far, output_dir))
-    experiments.write_rows(rows, output_dir)
+                                    rows_dir=output_dir)
     if dry_run:
         return None
 

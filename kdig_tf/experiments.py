@@ -289,11 +289,12 @@ def _row(run, status, returncode, command, results, wall_seconds):
 
 
 def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTILL_SCRIPT, python=None,
-                 dry_run=False, log=print, progress=None):
+                 dry_run=False, log=print, rows_dir=None, progress=None):
     """Launch every unfinished run; return one row per run (status ok / skipped / failed / pending).
 
-    ``progress(rows)``, if given, is called after every launched run with one row per run (runs not
-    reached yet are "pending"), so a campaign killed after hours still leaves an up-to-date table.
+    With ``rows_dir``, ``runs.{csv,json}`` there are rewritten after every launched run (runs not
+    reached yet are "pending") and at the end, so a campaign killed after hours still leaves an
+    up-to-date table; ``progress(rows)``, if given, is called at the same points during the loop.
     """
     flagfile = os.path.abspath(flagfile) if flagfile else None
     names = [run.name for run in runs]
@@ -337,8 +338,12 @@ def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTI
             log(f"{tag} FAILED {run.name} (exit {returncode}); see {log_path}; "
                 f"it will be retried on the next invocation")
             rows[index] = _row(run, "failed", returncode, command, None, wall)
+        if rows_dir is not None:
+            write_rows(rows, rows_dir)
         if progress is not None:
             progress(list(rows))
+    if rows_dir is not None:
+        write_rows(rows, rows_dir)
     done = sum(row["status"] in FINISHED for row in rows)
     log(f"{done}/{len(rows)} runs finished, {failures} failed in this invocation")
     return rows

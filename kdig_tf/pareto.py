@@ -334,8 +334,7 @@ def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_fla
                                       {"candidate": name, "keep_blocks": keep, "width_multiplier": width},
                                       subdir=name)
     rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    progress=lambda rows_so_far: experiments.write_rows(rows_so_far, output_dir))
-    experiments.write_rows(rows, output_dir)
+                                    rows_dir=output_dir)
     return rows, splits["val_split"]
 
 
