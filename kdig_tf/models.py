@@ -25,6 +25,8 @@ INVERTED_RESIDUAL_SETTING = (
     (6, 320, 1, 1),
 )
 STEM_CHANNELS = 32
+# Stride of a student's stem conv: 1 is the CIFAR teacher's, 2 the ImageNet network's.
+STEM_STRIDES = (1, 2)
 HEAD_CHANNELS = 1280
 # features.0 is the stem, features.1..17 the inverted residuals, features.18 the head conv.
 NUM_FEATURE_MODULES = 19
@@ -132,8 +134,8 @@ def _block_plan(width_multiplier):
     return plan
 
 
-def _features(inputs, keep_blocks, width_multiplier):
-    x = _conv_bn_relu(inputs, make_divisible(STEM_CHANNELS * width_multiplier), 3, 1, "features_0")
+def _features(inputs, keep_blocks, width_multiplier, stem_stride=1):
+    x = _conv_bn_relu(inputs, make_divisible(STEM_CHANNELS * width_multiplier), 3, stem_stride, "features_0")
     for index, (cin, cout, stride, expand) in enumerate(_block_plan(width_multiplier)[: keep_blocks - 1]):
         x = _inverted_residual(x, cin, cout, stride, expand, f"features_{index + 1}")
     return x
@@ -180,23 +182,32 @@ def resolve_keep_blocks(keep_blocks=None, compression=None):
 
 
 def build_student(keep_blocks=None, compression=None, num_classes=10, width_multiplier=1.0,
-                  input_shape=(32, 32, 3), name=None):
+                  input_shape=(32, 32, 3), name=None, stem_stride=1):
     """The teacher's first ``keep_blocks`` feature modules, global average pooling, Dense.
 
     ``keep_blocks=14`` is the paper's 4.1x student (543,498 parameters). There is no
     head conv and no dropout. The Dense layer keeps the PyTorch name ``classifier_1``
     so that the authors' ``classifier.1.*`` weights map onto it.
+
+    ``stem_stride=2`` is a latency option, not the paper's: the stem downsamples as in the
+    ImageNet MobileNetV2, so every block runs on a quarter of the pixels (about 4x fewer
+    MACs, same parameters). Its feature maps are then smaller than the teacher's, so it
+    cannot be paired with the teacher for attention transfer.
     """
     keep_blocks = resolve_keep_blocks(keep_blocks, compression)
     _check_common(num_classes, width_multiplier, input_shape)
+    if stem_stride not in STEM_STRIDES:
+        raise InvalidArgumentError(f"stem_stride must be one of {STEM_STRIDES}, got {stem_stride!r}")
     inputs = keras.Input(shape=input_shape, name="image")
-    x = _features(inputs, keep_blocks, width_multiplier)
+    x = _features(inputs, keep_blocks, width_multiplier, int(stem_stride))
     x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
     outputs = keras.layers.Dense(num_classes, kernel_initializer=dense_init(), name="classifier_1")(x)
     if name is None:
         name = f"mobilenetv2_student_k{keep_blocks}"
         if width_multiplier != 1.0:
             name += f"_w{width_multiplier:g}"
+        if stem_stride != 1:
+            name += f"_s{int(stem_stride)}"
     return keras.Model(inputs, outputs, name=name)
 
 

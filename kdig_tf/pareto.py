@@ -1,5 +1,5 @@
-"""Latency-aware students: a keep_blocks x width x TFLite-mode grid timed against the fp32
-teacher, the Pareto front, and the candidates at least ``target`` times faster.
+"""Latency-aware students: a keep_blocks x width x TFLite-mode grid, plus named extra
+candidates, timed against the fp32 teacher, the Pareto front, and the candidates at least ``target`` times faster.
 
 What ``scripts/latency_sweep.py`` runs. Every latency is a LiteRT (XNNPACK) measurement at
 batch 1 (``benchmark.measure_latency``, a fresh subprocess per model by default). The fp32
@@ -9,13 +9,15 @@ while the sweep ran. Speed-up = reference latency / candidate latency (median an
 ``fast`` means the median speed-up is >= ``target``.
 
 Latency does not depend on the weights, so the teacher and untrained candidates are
-random-weight models (int8 calibrated on random images). With ``train=True`` every (keep_blocks, width) is a
+random-weight models (int8 calibrated on random images). With ``train=True`` every candidate is a
 ``scripts/distill.py`` run of the campaign runner (``kdig_tf.experiments``; finished runs
 are skipped); its exported .tflite files are timed, and each file's accuracy is measured
 on the run's validation split with LiteRT (int8 calibrated on the training split by
 distill.py). A candidate whose run has not finished is still timed, with random weights.
 
-Input resolution is not swept: the distillation pipeline trains on 32x32 images only.
+Input resolution is not swept: the distillation pipeline trains on 32x32 images only. The
+in-network equivalent is a stem stride of 2 (every block then runs on 16x16 and smaller maps);
+such students join the grid as extra candidates named ``k<keep>_w<width>_s2``.
 
 Only the pure helpers (grid, Pareto front, selection, tables) avoid TensorFlow.
 """
@@ -23,6 +25,7 @@ import kdig_tf  # noqa: F401
 
 import math
 import os
+import re
 import shlex
 import sys
 
@@ -38,13 +41,31 @@ TEACHER = "teacher"
 REFERENCE_MODE = "fp32"
 IMAGE_SHAPE = (32, 32, 3)
 # distill.py flags the sweep sets per candidate.
-SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "export_modes")
+SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes")
 
 
 # --------------------------------------------------------------------------- grid
 
-def candidate_name(keep_blocks, width):
-    return f"k{int(keep_blocks)}_w{float(width):g}"
+def candidate_name(keep_blocks, width, stem_stride=1):
+    name = f"k{int(keep_blocks)}_w{float(width):g}"
+    return name if int(stem_stride) == 1 else f"{name}_s{int(stem_stride)}"
+
+
+_CANDIDATE = re.compile(r"k(\d+)_w(\d+(?:\.\d+)?)(?:_s(\d+))?")
+
+
+def parse_candidate(name):
+    """'k14_w0.5_s2' -> ('k14_w0.5_s2', 14, 0.5, 2); the stride suffix is optional (default 1)."""
+    from kdig_tf import models
+
+    match = _CANDIDATE.fullmatch(str(name).strip())
+    if not match:
+        raise InvalidArgumentError(f"candidate {name!r} is not of the form k<keep_blocks>_w<width>[_s<stem stride>]")
+    keep, width, stride = int(match.group(1)), float(match.group(2)), int(match.group(3) or 1)
+    models.resolve_keep_blocks(keep)
+    if stride not in models.STEM_STRIDES or width <= 0:
+        raise InvalidArgumentError(f"candidate {name!r}: width must be > 0 and stem stride in {models.STEM_STRIDES}")
+    return candidate_name(keep, width, stride), keep, width, stride
 
 
 def parse_widths(values):
@@ -73,9 +94,17 @@ def parse_modes(values, known=("fp32", "fp16", "dynamic", "int8")):
     return modes
 
 
-def candidate_grid(keep_blocks, widths):
-    """[(name, keep_blocks, width)], keep_blocks-major."""
-    return [(candidate_name(keep, width), int(keep), float(width)) for keep in keep_blocks for width in widths]
+def candidate_grid(keep_blocks, widths, extra_candidates=()):
+    """[(name, keep_blocks, width, stem_stride)]: the stride-1 grid keep_blocks-major, then the extra names."""
+    grid = [(candidate_name(keep, width), int(keep), float(width), 1) for keep in keep_blocks for width in widths]
+    names = {entry[0] for entry in grid}
+    for extra in extra_candidates:
+        entry = parse_candidate(extra)
+        if entry[0] in names:
+            raise InvalidArgumentError(f"candidate {entry[0]} is listed twice")
+        names.add(entry[0])
+        grid.append(entry)
+    return grid
 
 
 # --------------------------------------------------------------------------- front and selection
@@ -153,14 +182,15 @@ def to_markdown(report):
         f"{machine['cpu_count']} CPUs ({machine.get('cpu_model') or machine['machine']}), load average "
         f"{machine['load_average_before']} before, {machine['load_average_after']} after.",
         "",
-        "| candidate | keep | width | mode | params | MACs (M) | MAC ratio | median ms | p90 ms "
+        "| candidate | keep | width | stem stride | mode | params | MACs (M) | MAC ratio | median ms | p90 ms "
         "| speed-up (median) | speed-up (p90) | vs teacher same mode | val acc (%) | Pareto | "
         f">= {target:g}x |",
-        "|" + "---|" * 15,
+        "|" + "---|" * 16,
     ]
     for row in report["rows"]:
         lines.append("| " + " | ".join([
-            row["name"], str(row.get("keep_blocks") or "-"), _fmt(row.get("width_multiplier"), "g"), row["mode"],
+            row["name"], str(row.get("keep_blocks") or "-"), _fmt(row.get("width_multiplier"), "g"),
+            str(row.get("stem_stride") or "-"), row["mode"],
             f"{row['params']:,}", f"{row['macs'] / 1e6:.1f}", _fmt(row.get("mac_ratio"), ".1f"),
             _fmt(row.get("latency_median_ms"), ".3f"), _fmt(row.get("latency_p90_ms"), ".3f"),
             _fmt(row.get("speedup_median"), ".2f") + ("x" if _finite(row.get("speedup_median")) else ""),
@@ -319,7 +349,7 @@ def default_latency_fn(isolate=True):
 
 def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_flags, final_report,
                       launcher, script, dry_run, log):
-    """Launch (or skip) one distill.py run per (keep_blocks, width); returns rows and the val split."""
+    """Launch (or skip) one distill.py run per candidate; returns rows and the val split."""
     base = experiments.read_flagfile(flagfile) if flagfile else {}
     extra = experiments.parse_extra_flags(extra_flags)
     clash = [name for name in SWEEP_FLAGS if name in extra]
@@ -328,11 +358,13 @@ def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_fla
     splits = experiments.check_campaign_splits(base, extra, final_report)
     common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
     runs = []
-    for name, keep, width in grid:
+    for name, keep, width, stride in grid:
         overrides = dict(common, keep_blocks=keep, width_multiplier=width, export_modes=",".join(modes))
+        if stride != 1:  # stride-1 runs keep the command they had before the flag existed
+            overrides["stem_stride"] = stride
         runs += experiments.seed_runs(os.path.join(output_dir, "runs"), [method], [seed], 1.0, overrides,
-                                      {"candidate": name, "keep_blocks": keep, "width_multiplier": width},
-                                      subdir=name)
+                                      {"candidate": name, "keep_blocks": keep, "width_multiplier": width,
+                                       "stem_stride": stride}, subdir=name)
     rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
                                     rows_dir=output_dir)
     return rows, splits["val_split"]
@@ -360,7 +392,8 @@ def _cached_accuracy(cache, path, flags, accuracy_fn):
     return cache[key]
 
 
-def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagfile=None, method="kd_ig",
+def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(), train=False, flagfile=None,
+                      method="kd_ig",
                       seed=0, extra_flags="", final_report=False, num_threads=1, warmup_runs=5, num_runs=50,
                       target_speedup=10.0, num_calibration=128, random_seed=0, isolate=True, command=None,
                       teacher=None, latency_fn=None, accuracy_fn=tflite_accuracy,
@@ -374,6 +407,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
     """
     keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
     widths = parse_widths(widths)
+    extra_candidates = [str(name).strip() for name in extra_candidates if str(name).strip()]
     for name, value in (("num_threads", num_threads), ("warmup_runs", warmup_runs), ("num_runs", num_runs),
                         ("num_calibration", num_calibration)):
         if int(value) < 1:
@@ -386,7 +420,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
     modes = parse_modes(modes, tuple(export.CONVERSION_MODES))
     for keep in keep_blocks:
         models.resolve_keep_blocks(keep)
-    grid = candidate_grid(keep_blocks, widths)
+    grid = candidate_grid(keep_blocks, widths, extra_candidates)
     os.makedirs(output_dir, exist_ok=True)
     load_before = benchmark.load_average()
 
@@ -410,23 +444,24 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
     for mode in modes:
         path = random_tflite(teacher, os.path.join(tflite_dir, f"teacher_{mode}.tflite"), mode, "normalized",
                              num_calibration, random_seed)
-        entries.append(dict(name=TEACHER, role=TEACHER, keep_blocks=None, width_multiplier=None, mode=mode,
-                            path=path, params=teacher_params, macs=teacher_macs, weights="random"))
+        entries.append(dict(name=TEACHER, role=TEACHER, keep_blocks=None, width_multiplier=None, stem_stride=None,
+                            mode=mode, path=path, params=teacher_params, macs=teacher_macs, weights="random"))
     if REFERENCE_MODE not in modes:  # the reference is always the fp32 teacher
         path = random_tflite(teacher, os.path.join(tflite_dir, "teacher_fp32.tflite"), REFERENCE_MODE,
                              "normalized", num_calibration, random_seed)
         entries.insert(0, dict(name=TEACHER, role=TEACHER, keep_blocks=None, width_multiplier=None,
-                               mode=REFERENCE_MODE, path=path, params=teacher_params, macs=teacher_macs,
+                               stem_stride=None, mode=REFERENCE_MODE, path=path, params=teacher_params, macs=teacher_macs,
                                weights="random"))
 
     cache_path = os.path.join(output_dir, ACCURACY_CACHE)
     accuracy_cache = read_json_or_none(cache_path) or {}
-    for name, keep, width in grid:
+    for name, keep, width, stride in grid:
         keras.utils.set_random_seed(random_seed)
-        student = models.build_student(keep, width_multiplier=width, input_shape=IMAGE_SHAPE)
+        student = models.build_student(keep, width_multiplier=width, input_shape=IMAGE_SHAPE, stem_stride=stride)
         params, macs = models.count_trainable_params(student), benchmark.count_macs(student)
         for mode in modes:
-            entry = dict(name=name, role="student", keep_blocks=keep, width_multiplier=width, mode=mode,
+            entry = dict(name=name, role="student", keep_blocks=keep, width_multiplier=width, stem_stride=stride,
+                         mode=mode,
                          params=params, macs=macs, weights="random", accuracy=None)
             path, results = _trained_file(run_rows.get(name), mode)
             if path is not None:
@@ -501,7 +536,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
         "command": command or shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "machine": machine,
-        "settings": {"keep_blocks": keep_blocks, "widths": widths, "modes": modes, "train": bool(train),
+        "settings": {"keep_blocks": keep_blocks, "widths": widths, "extra_candidates": extra_candidates, "modes": modes,
+                     "train": bool(train),
                      "batch_size": 1, "num_threads": int(num_threads), "warmup_runs": int(warmup_runs),
                      "num_runs": int(num_runs), "isolate": bool(isolate), "random_seed": random_seed,
                      "num_calibration": int(num_calibration), "method": method if train else None,
@@ -527,7 +563,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, train=False, flagf
 
 
 def _summary(row):
-    keys = ("name", "keep_blocks", "width_multiplier", "mode", "params", "macs", "latency_median_ms",
+    keys = ("name", "keep_blocks", "width_multiplier", "stem_stride", "mode", "params", "macs", "latency_median_ms",
             "latency_p90_ms", "speedup_median", "speedup_p90", "accuracy", "accuracy_split")
     return {key: row.get(key) for key in keys}
 

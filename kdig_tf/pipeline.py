@@ -44,6 +44,8 @@ STUDENT = "student.h5"
 BACKUP = "backup"
 # Settings that do not change what is trained: a run may be continued or re-exported with other values.
 NON_TRAINING_FIELDS = ("verbose", "data_dir", "store_dir", "eval_split", "export_modes", "ig_max_batch")
+# Training settings added after runs were recorded, with the value those runs had.
+FIELDS_ADDED_LATER = {"stem_stride": 1}
 TEACHER_HELP = ("train one with `python scripts/train_teacher.py --data_dir=<tfds dir>` (hours on a CPU), or "
                 "pass --teacher=<.h5 | .keras | .pt>; the reference teacher lives in pretrained/teacher.h5")
 
@@ -84,6 +86,7 @@ class DistillConfig:
     seed: int = 0
     keep_blocks: int = 14
     width_multiplier: float = 1.0
+    stem_stride: int = 1
     store_dir: str = None
     ig_steps: int = 50
     ig_method: str = "gausslegendre"
@@ -115,6 +118,11 @@ class DistillConfig:
         if self.cached_targets_order not in overlay.TARGET_ORDERS:
             raise UnknownKeyError(f"cached_targets_order must be one of {overlay.TARGET_ORDERS}")
         models.resolve_keep_blocks(self.keep_blocks)
+        if self.stem_stride not in models.STEM_STRIDES:
+            raise InvalidArgumentError(f"stem_stride must be one of {models.STEM_STRIDES}, got {self.stem_stride}")
+        if self.stem_stride != 1 and self.uses_at:
+            raise InvalidArgumentError("attention transfer needs the teacher's feature-map sizes: use stem_stride=1 "
+                                       f"with method {self.method!r}")
         if self.ig_steps < 1:
             raise InvalidArgumentError(f"ig_steps must be >= 1, got {self.ig_steps}")
         for mode in self.modes():
@@ -305,6 +313,8 @@ def claim_workdir(workdir, settings):
             recorded = json.load(handle)
     except (OSError, ValueError) as err:
         raise StaleRunError(f"{path} is unreadable ({err}); use a new --workdir or delete it") from err
+    # A run recorded before a setting existed was trained with that setting's default.
+    recorded = dict(FIELDS_ADDED_LATER, **recorded)
     changes = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
                for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
     if changes:
@@ -315,7 +325,9 @@ def claim_workdir(workdir, settings):
 def _finished_results(workdir, config):
     """The results of an identical finished run in ``workdir``, else None."""
     results = read_json_or_none(os.path.join(workdir, RESULTS))
-    return results if results is not None and results.get("flags") == dataclasses.asdict(config) else None
+    if results is None or not isinstance(results.get("flags"), dict):
+        return None
+    return results if dict(FIELDS_ADDED_LATER, **results["flags"]) == dataclasses.asdict(config) else None
 
 
 def run_distillation(config, workdir, progress=True, extra_callbacks=()):
@@ -383,7 +395,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         # (and sees the same batches), so arms can be compared seed by seed.
         keras.utils.set_random_seed(config.seed)
         student = models.build_student(config.keep_blocks, num_classes=num_classes,
-                                       width_multiplier=config.width_multiplier)
+                                       width_multiplier=config.width_multiplier, stem_stride=config.stem_stride)
         at_loss = None
         if gamma > 0:
             at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)

@@ -48,6 +48,7 @@ HELP = {
     "seed": "Seed of initialisation, shuffling, augmentation and overlay draws.",
     "keep_blocks": "Student = first keep_blocks teacher feature modules (14 = 4.1x).",
     "width_multiplier": "Student width multiplier.",
+    "stem_stride": "Student stem stride: 1 (the teacher's) or 2 (4x fewer MACs; not with attention transfer).",
     "store_dir": "IG/logit store directory (default <workdir>/store); share it between runs.",
     "ig_steps": "IG quadrature steps.",
     "ig_method": "gausslegendre | riemann_left | riemann_right | riemann_middle | riemann_trapezoid.",

@@ -11,11 +11,12 @@ fp32 teacher at batch 1 on one thread, and what accuracy does it keep?
 
 Every candidate is timed with LiteRT (XNNPACK) in a fresh subprocess; the fp32 teacher is
 timed first and last in the same run and is the reference for every speed-up. With
-``--train`` each (keep_blocks, width) is a ``scripts/distill.py`` run in
-``<output_dir>/runs/k<keep>_w<width>/<method>/seed<seed>`` (finished runs are skipped, failed
+``--train`` each candidate is a ``scripts/distill.py`` run in
+``<output_dir>/runs/k<keep>_w<width>[_s<stride>]/<method>/seed<seed>`` (finished runs are skipped, failed
 ones retried); its exported fp32/int8 files (int8 calibrated on the training split) are
-timed and evaluated on the validation split. Input resolution is not swept: the
-distillation pipeline only trains on 32x32 images.
+timed and evaluated on the validation split. Input resolution is not swept (the
+distillation pipeline only trains on 32x32 images); ``--extra_candidates=k14_w1_s2`` adds a
+student whose stem downsamples, which costs its blocks what a 16x16 input would.
 
 Writes ``latency_sweep.json`` (command, machine, load average before/after, every row,
 Pareto front, the >= --target_speedup candidates), ``latency_sweep.md`` and
@@ -34,6 +35,8 @@ from kdig_tf import experiments  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("keep_blocks", ["14", "12", "10", "8", "6"], "Student depths (feature modules kept).")
 flags.DEFINE_list("widths", ["1.0", "0.75", "0.5", "0.35", "0.25"], "Student width multipliers.")
+flags.DEFINE_list("extra_candidates", [], "Students added to the grid by name, k<keep>_w<width>[_s<stem stride>]: "
+                  "e.g. k14_w0.5_s2 (a stride-2 stem: 4x fewer MACs).")
 flags.DEFINE_list("modes", ["fp32", "int8"], "TFLite modes of every candidate: fp32, fp16, dynamic, int8.")
 flags.DEFINE_integer("num_threads", 1, "Interpreter threads.")
 flags.DEFINE_integer("warmup_runs", 5, "Untimed warmup invocations per model.")
@@ -74,7 +77,8 @@ def _sweep():
     if FLAGS.data_dir:
         extra = f"{extra} --data_dir={shlex.quote(FLAGS.data_dir)}".strip()
     report = pareto.run_latency_sweep(
-        FLAGS.output_dir, FLAGS.keep_blocks, FLAGS.widths, FLAGS.modes, train=FLAGS.train,
+        FLAGS.output_dir, FLAGS.keep_blocks, FLAGS.widths, FLAGS.modes, extra_candidates=FLAGS.extra_candidates,
+        train=FLAGS.train,
         flagfile=FLAGS.flagfile_base or None, method=FLAGS.method, seed=FLAGS.seed, extra_flags=extra,
         final_report=FLAGS.final_report, num_threads=FLAGS.num_threads, warmup_runs=FLAGS.warmup_runs,
         num_runs=FLAGS.num_runs, target_speedup=FLAGS.target_speedup, num_calibration=FLAGS.num_calibration,

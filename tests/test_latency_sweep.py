@@ -80,7 +80,13 @@ def test_select_fast_and_speedups():
 def test_grid_parsing():
     assert pareto.parse_widths(["1.0", " 0.35"]) == [1.0, 0.35]
     assert pareto.candidate_grid([14, 6], [1.0, 0.35]) == [
-        ("k14_w1", 14, 1.0), ("k14_w0.35", 14, 0.35), ("k6_w1", 6, 1.0), ("k6_w0.35", 6, 0.35)]
+        ("k14_w1", 14, 1.0, 1), ("k14_w0.35", 14, 0.35, 1), ("k6_w1", 6, 1.0, 1), ("k6_w0.35", 6, 0.35, 1)]
+    assert pareto.candidate_grid([6], [1.0], ["k14_w0.50_s2", "k12_w0.35"])[1:] == [
+        ("k14_w0.5_s2", 14, 0.5, 2), ("k12_w0.35", 12, 0.35, 1)]
+    for bad in (["k6_w1"], ["k14_w0.5_s2", "k14_w0.5_s2"], ["k14_w0.5_s3"], ["k19_w1"], ["k14_w0"], ["k14"],
+                ["k14_w0.5_s2 extra"]):
+        with pytest.raises(InvalidArgumentError):
+            pareto.candidate_grid([6], [1.0], bad)
     for bad in (["0"], ["-1"], ["a"], [], ["0.5", "0.50"]):
         with pytest.raises(InvalidArgumentError):
             pareto.parse_widths(bad)
@@ -125,7 +131,7 @@ def test_latency_only_end_to_end(tmp_path):
     saved = json.loads(open(os.path.join(out, "latency_sweep.json")).read())
     assert saved["command"] == "test" and saved["machine"]["cpu_count"] == os.cpu_count()
     assert len(saved["machine"]["load_average_before"]) == 3 and saved["settings"]["num_threads"] == 1
-    assert "| k1_w0.25 | 1 | 0.25 | fp32 |" in open(os.path.join(out, "latency_sweep.md")).read()
+    assert "| k1_w0.25 | 1 | 0.25 | 1 | fp32 |" in open(os.path.join(out, "latency_sweep.md")).read()
 
     # Again with real LiteRT timings (2 runs, in-process): the conversions are reused.
     stamps = {name: os.path.getmtime(os.path.join(out, "tflite", name))
@@ -153,7 +159,8 @@ def fake_distill(fail=()):
         for mode in flags["export_modes"].split(","):
             path = os.path.join(workdir, f"student_{mode}.tflite")
             with open(path, "wb") as handle:
-                handle.write(b"x" * int(1000 * float(flags["width_multiplier"]) * int(flags["keep_blocks"])))
+                handle.write(b"x" * int(1000 * float(flags["width_multiplier"]) * int(flags["keep_blocks"])
+                                        / int(flags.get("stem_stride", 1))))
             exports[mode] = {"path": path}
         results = {"val_accuracy": 50.0 + int(flags["keep_blocks"]), "tflite": exports,
                    "flags": {"dataset": "cifar10", "val_split": flags.get("val_split", "train[45000:]")}}
@@ -177,23 +184,28 @@ def test_train_path_with_a_fake_distill(tmp_path):
 
     kwargs = dict(train=True, flagfile=str(base), num_runs=2, warmup_runs=1, num_calibration=4, teacher=small_teacher(),
                   latency_fn=size_latency, accuracy_fn=accuracy, launcher=launch, command="test", log=quiet)
-    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], **kwargs)
-    assert len(calls) == 2
-    assert {(c["keep_blocks"], c["width_multiplier"], c["export_modes"]) for c in calls} == {
-        ("2", "0.25", "fp32"), ("1", "0.25", "fp32")}
+    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], ["k2_w0.25_s2"], **kwargs)
+    assert len(calls) == 3
+    # Only stride-2 runs get the flag, so stride-1 commands stay what they were before it existed.
+    assert {(c["keep_blocks"], c["width_multiplier"], c.get("stem_stride"), c["export_modes"]) for c in calls} == {
+        ("2", "0.25", None, "fp32"), ("1", "0.25", None, "fp32"), ("2", "0.25", "2", "fp32")}
     assert all(c["store_dir"].endswith(os.path.join("sweep", "store")) for c in calls)
     by_name = {row["name"]: row for row in report["rows"]}
     assert by_name["k2_w0.25"]["weights"] == "trained" and by_name["k2_w0.25"]["accuracy"] == pytest.approx(62.5)
     assert by_name["k2_w0.25"]["accuracy_split"] == "train[45000:46000]"
     assert by_name["k1_w0.25"]["run_status"] == "failed" and by_name["k1_w0.25"]["accuracy"] is None
     assert by_name["k1_w0.25"]["weights"] == "random" and by_name["k1_w0.25"]["latency_median_ms"] > 0
-    assert report["pareto"]["members"] == ["k2_w0.25:fp32"] and report["val_split"] == "train[45000:46000]"
-    assert report["best_fast"]["name"] == "k2_w0.25"
+    strided = by_name["k2_w0.25_s2"]
+    assert strided["stem_stride"] == 2 and strided["weights"] == "trained" and strided["macs"] < by_name["k2_w0.25"]["macs"]
+    # As accurate as k2_w0.25 and faster (a smaller fake file), so it alone is on the front.
+    assert report["pareto"]["members"] == ["k2_w0.25_s2:fp32"] and report["val_split"] == "train[45000:46000]"
+    assert report["best_fast"]["name"] == "k2_w0.25_s2"
     assert os.path.isfile(os.path.join(out, "runs.csv"))
 
     # Rerun: the finished run is skipped and its accuracy cached; the failed one is retried.
-    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], **dict(kwargs, launcher=launch))
-    assert len(calls) == 3 and calls[-1]["keep_blocks"] == "1" and len(evaluated) == 1
+    report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], ["k2_w0.25_s2"],
+                                      **dict(kwargs, launcher=launch))
+    assert len(calls) == 4 and calls[-1]["keep_blocks"] == "1" and len(evaluated) == 2
 
     with pytest.raises(InvalidArgumentError):
         pareto.run_latency_sweep(str(tmp_path / "bad"), ["2"], ["0.25"], ["fp32"],

@@ -71,6 +71,21 @@ def test_width_multiplier_changes_params():
     assert models.build_student(keep_blocks=2, width_multiplier=0.5).get_layer("features_0_0").filters == 16
 
 
+def test_stem_stride_2_keeps_parameters_and_quarters_the_pixels_of_every_block():
+    from kdig_tf import benchmark
+
+    cifar = models.build_student(keep_blocks=14)
+    strided = models.build_student(keep_blocks=14, stem_stride=2)
+    assert models.count_trainable_params(strided) == models.count_trainable_params(cifar) == 543_498
+    assert strided.name == "mobilenetv2_student_k14_s2"
+    assert strided.get_layer("features_13_add").output_shape[1:3] == (4, 4)
+    assert cifar.get_layer("features_13_add").output_shape[1:3] == (8, 8)
+    ratio = benchmark.count_macs(cifar) / benchmark.count_macs(strided)
+    assert 3.5 < ratio < 4.1
+    with pytest.raises(InvalidArgumentError, match="stem_stride"):
+        models.build_student(keep_blocks=14, stem_stride=4)
+
+
 def test_bad_width_or_classes():
     with pytest.raises(InvalidArgumentError):
         models.build_student(keep_blocks=2, width_multiplier=0)

@@ -1,4 +1,5 @@
 """Resuming a distillation run: after a kill mid-training, after training, and with other flags."""
+import json
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import tensorflow_datasets as tfds
 import tf_keras as keras
 
 from kdig_tf import data, models, overlay, pipeline
-from kdig_tf.errors import StaleRunError
+from kdig_tf.errors import InvalidArgumentError, StaleRunError
 from kdig_tf.io_utils import holds_files, read_epoch_log
 
 EPOCHS = 3
@@ -137,6 +138,31 @@ def test_finished_run_is_returned_without_work_and_other_settings_are_refused(tm
     with pytest.raises(StaleRunError, match="seed"):
         pipeline.run_distillation(_config(teacher_path, seed=1), workdir, progress=False)
     assert os.stat(results_path).st_mtime_ns == stamp
+
+
+def test_run_recorded_before_stem_stride_existed_is_a_stride_1_run(tmp_path, teacher_path):
+    workdir = str(tmp_path / "run")
+    first = pipeline.run_distillation(_config(teacher_path), workdir, progress=False)
+    for name in (pipeline.RUN_CONFIG, pipeline.RESULTS):  # as written before the field was added
+        path = os.path.join(workdir, name)
+        recorded = json.loads(open(path).read())
+        (recorded["flags"] if name == pipeline.RESULTS else recorded).pop("stem_stride")
+        open(path, "w").write(json.dumps(recorded))
+    stamp = os.stat(os.path.join(workdir, pipeline.RESULTS)).st_mtime_ns
+
+    again = pipeline.run_distillation(_config(teacher_path), workdir, progress=False)
+    assert again["val_accuracy"] == first["val_accuracy"]
+    assert os.stat(os.path.join(workdir, pipeline.RESULTS)).st_mtime_ns == stamp
+    with pytest.raises(StaleRunError, match="stem_stride: 1 -> 2"):
+        pipeline.run_distillation(_config(teacher_path, stem_stride=2), workdir, progress=False)
+
+
+def test_stem_stride_2_with_attention_transfer_is_refused():
+    with pytest.raises(InvalidArgumentError, match="attention transfer"):
+        pipeline.DistillConfig(method="kd_at", stem_stride=2).validate()
+    with pytest.raises(InvalidArgumentError, match="stem_stride"):
+        pipeline.DistillConfig(stem_stride=3).validate()
+    pipeline.DistillConfig(method="kd_ig", stem_stride=2).validate()
 
 
 def test_partial_run_with_another_teacher_is_refused(tmp_path, teacher_path):
