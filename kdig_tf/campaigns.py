@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from kdig_tf import experiments, reports, stats
-from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
+from kdig_tf.errors import InvalidArgumentError, NotAModelError, UnknownKeyError
 from kdig_tf.io_utils import atomic_write_bytes, atomic_write_json, read_json_or_none
 
 def _prepare(output_dir, flagfile, extra_flags, final_report, split_overrides=None):
@@ -250,7 +250,10 @@ def measure_student_latency(results, workdir, tflite_dir, keep_blocks, warmup_ru
 
         path = os.path.join(tflite_dir, f"student_k{keep_blocks}_fp32.tflite")
         if not os.path.isfile(path):
-            export.convert(loading.load_model(results["student_path"]), path, "fp32", input_kind="unit")
+            student_path = experiments.recorded_output(workdir, results.get("student_path"))
+            if student_path is None:
+                raise NotAModelError(f"{workdir} finished without its student file ({results.get('student_path')})")
+            export.convert(loading.load_model(student_path), path, "fp32", input_kind="unit")
         source = "converted from student_path"
     latency = benchmark.measure_latency(path, batch_size=1, num_threads=1, warmup_runs=warmup_runs,
                                         num_runs=num_runs)

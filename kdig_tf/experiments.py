@@ -2,7 +2,8 @@
 
 A campaign is a list of ``Run``s, each with its own work directory. The runner launches
 ``scripts/distill.py`` once per unfinished run (a subprocess, output appended to
-``<run>/log.txt``), skips runs whose ``results.json`` exists, and keeps going when a run
+``<run>/log.txt``), skips runs whose ``results.json`` and the files it names exist, and
+keeps going when a run
 fails: the failure is reported in the rows and the run is retried on the next invocation.
 Before launching, ``<run>/command.json`` records the flags, so a finished run can be
 checked against what the campaign asks for now (``StaleRunError`` on a mismatch: results
@@ -272,6 +273,28 @@ def _check_not_stale(run, record):
                             f"use a new output directory or delete that run")
 
 
+def recorded_output(workdir, path):
+    """A file that a run's results.json names, or None if it is not on disk.
+
+    results.json records absolute paths; in another checkout the file is looked up by name
+    in the run's own workdir.
+    """
+    if path and not os.path.isfile(path):
+        path = os.path.join(workdir, os.path.basename(path))
+    return path if path and os.path.isfile(path) else None
+
+
+def missing_outputs(workdir, results):
+    """Names of the files results.json lists (student, .tflite exports) that are not on disk.
+
+    Exports are derived files that git does not keep, so a fresh checkout of a finished run
+    has its student.h5 but not its .tflite files.
+    """
+    exports = [entry.get("path") for entry in (results.get("tflite") or {}).values() if isinstance(entry, dict)]
+    return [os.path.basename(path) for path in [results.get("student_path"), *exports]
+            if path and recorded_output(workdir, path) is None]
+
+
 def build_command(run, flagfile=None, script=DISTILL_SCRIPT, python=None):
     args = [f"--flagfile={flagfile}"] if flagfile else []
     args.append(f"--workdir={os.path.abspath(run.workdir)}")
@@ -307,11 +330,13 @@ def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTI
             _check_not_stale(run, record)
 
     commands = [build_command(run, flagfile, script, python) for run in runs]
-    rows = []
+    rows, missing = [], []
     for run, command in zip(runs, commands):
         results_path = os.path.join(run.workdir, RESULTS_FILE)
         results = read_json_or_none(results_path) if os.path.exists(results_path) else None
-        rows.append(_row(run, "pending", None, command, None, None) if results is None
+        # A finished run whose outputs are gone is launched again: distill.py remakes them.
+        missing.append(missing_outputs(run.workdir, results) if results is not None else [])
+        rows.append(_row(run, "pending", None, command, None, None) if results is None or missing[-1]
                     else _row(run, "skipped", None, command, results, None))
 
     failures = 0
@@ -320,13 +345,14 @@ def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTI
         if rows[index]["status"] == "skipped":
             log(f"{tag} skip {run.name}: {RESULTS_FILE} exists")
             continue
+        why = f" ({', '.join(missing[index])} missing)" if missing[index] else ""
         if dry_run:
-            log(f"{tag} would run: {shlex.join(command)}")
+            log(f"{tag} would run{why}: {shlex.join(command)}")
             continue
         os.makedirs(run.workdir, exist_ok=True)
         atomic_write_json(os.path.join(run.workdir, COMMAND_FILE), record)
         log_path = os.path.join(run.workdir, LOG_FILE)
-        log(f"{tag} run {run.name} (log: {log_path})")
+        log(f"{tag} run {run.name}{why} (log: {log_path})")
         start = time.time()
         returncode = launcher(command, log_path)
         wall = time.time() - start

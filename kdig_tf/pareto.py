@@ -376,11 +376,8 @@ def _trained_file(run_row, mode):
         return None, None
     results = read_json_or_none(os.path.join(run_row["workdir"], experiments.RESULTS_FILE)) or {}
     entry = (results.get("tflite") or {}).get(mode) or {}
-    path = entry.get("path") if isinstance(entry, dict) else None
-    if path and not os.path.isfile(path):
-        # results.json records absolute paths; in another checkout the file sits in the run's workdir.
-        path = os.path.join(run_row["workdir"], os.path.basename(path))
-    if not path or not os.path.isfile(path):
+    path = experiments.recorded_output(run_row["workdir"], entry.get("path") if isinstance(entry, dict) else None)
+    if path is None:
         raise NotAModelError(f"{run_row['workdir']} finished without a {mode} .tflite export")
     return path, results
 

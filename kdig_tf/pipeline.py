@@ -339,7 +339,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     config.validate()
     finished = _finished_results(workdir, config)
     if finished is not None:
-        return finished
+        return _reexport_if_missing(finished, config, workdir)
     keras.utils.set_random_seed(config.seed)
     alpha, p, gamma = config.effective()
     _, info = data.load(config.dataset, config.val_split, config.data_dir)  # fail early on bad data
@@ -437,6 +437,25 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
             student, config.dataset, config.eval_split, config.data_dir)
         results["eval_split"] = config.eval_split
     results["tflite"] = _export(student, config, workdir, val_raw, info)
+    atomic_write_json(os.path.join(workdir, RESULTS), results)
+    return results
+
+
+def _reexport_if_missing(results, config, workdir):
+    """A finished run's results, after remaking any .tflite export that is not on disk.
+
+    Exports are derived from student.h5 and not kept by git, so a fresh checkout of a
+    finished run lacks them; remaking them needs neither the teacher nor the store.
+    """
+    missing = [mode for mode in config.modes()
+               if not os.path.isfile(os.path.join(workdir, f"student_{mode}.tflite"))]
+    if not missing:
+        return results
+    student_path = os.path.join(workdir, STUDENT)
+    if not os.path.isfile(student_path):
+        raise NotAModelError(f"{workdir} has results but no {STUDENT}: delete the workdir to retrain")
+    val_raw, info = data.load(config.dataset, config.val_split, config.data_dir)
+    results = dict(results, tflite=_export(loading.load_model(student_path), config, workdir, val_raw, info))
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 

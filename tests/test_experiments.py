@@ -38,6 +38,7 @@ class FakeDistill:
                    "method": flags["method"], "seed": int(flags["seed"]), "trainable_params": 1000 * keep,
                    "compression": 2_236_682 / (1000 * keep), "train_seconds": 1.0, "flags": flags,
                    "student_path": os.path.join(flags["workdir"], "student.h5")}
+        open(results["student_path"], "wb").close()
         with open(os.path.join(flags["workdir"], "results.json"), "w") as handle:
             json.dump(results, handle)
         return 0
@@ -73,6 +74,33 @@ def test_runner_skips_finished_runs_and_retries_failed_ones(tmp_path):
     rows = experiments.run_campaign(runs, launcher=fake, log=quiet)
     assert len(fake.calls) == 5  # nothing left to launch
     assert all(row["status"] == "skipped" and row["val_accuracy"] == 90.0 for row in rows)
+
+
+def test_finished_run_whose_outputs_are_gone_is_launched_again(tmp_path):
+    # git keeps results.json and student.h5 but not .tflite exports: a fresh clone must remake them.
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["kd"], [0, 1])
+    fake = FakeDistill(lambda flags: 90.0)
+    experiments.run_campaign(runs, launcher=fake, log=quiet)
+    results_path = os.path.join(runs[0].workdir, "results.json")
+    results = json.loads(open(results_path).read())
+    results["tflite"] = {"int8": {"path": "/elsewhere/checkout/student_int8.tflite"}}
+    open(results_path, "w").write(json.dumps(results))
+    assert experiments.missing_outputs(runs[0].workdir, results) == ["student_int8.tflite"]
+
+    messages = []
+    rows = experiments.run_campaign(runs, launcher=fake, log=messages.append, dry_run=True)
+    assert len(fake.calls) == 2 and [row["status"] for row in rows] == ["pending", "skipped"]
+    assert any("student_int8.tflite missing" in message for message in messages)
+    rows = experiments.run_campaign(runs, launcher=fake, log=quiet)
+    assert [call["workdir"] for call in fake.calls[2:]] == [os.path.abspath(runs[0].workdir)]
+    assert [row["status"] for row in rows] == ["ok", "skipped"]
+
+    # Found by name in the run's own workdir when results.json comes from another checkout.
+    open(os.path.join(runs[1].workdir, "student_int8.tflite"), "wb").close()
+    moved = dict(results, student_path="/elsewhere/student.h5")
+    assert experiments.missing_outputs(runs[1].workdir, moved) == []
+    os.remove(os.path.join(runs[1].workdir, "student.h5"))
+    assert experiments.missing_outputs(runs[1].workdir, moved) == ["student.h5"]
 
 
 def test_command_layout(tmp_path):

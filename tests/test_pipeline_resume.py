@@ -1,6 +1,7 @@
 """Resuming a distillation run: after a kill mid-training, after training, and with other flags."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import tensorflow_datasets as tfds
 import tf_keras as keras
 
 from kdig_tf import data, models, overlay, pipeline
-from kdig_tf.errors import InvalidArgumentError, StaleRunError
+from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
 from kdig_tf.io_utils import holds_files, read_epoch_log
 
 EPOCHS = 3
@@ -155,6 +156,28 @@ def test_run_recorded_before_stem_stride_existed_is_a_stride_1_run(tmp_path, tea
     assert os.stat(os.path.join(workdir, pipeline.RESULTS)).st_mtime_ns == stamp
     with pytest.raises(StaleRunError, match="stem_stride: 1 -> 2"):
         pipeline.run_distillation(_config(teacher_path, stem_stride=2), workdir, progress=False)
+
+
+def test_finished_run_remakes_missing_exports_from_its_student(tmp_path, teacher_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    config = _config(teacher_path, export_modes="fp32", store_dir=str(tmp_path / "store"))
+    first = pipeline.run_distillation(config, workdir, progress=False)
+    exported = os.path.join(workdir, "student_fp32.tflite")
+    original = open(exported, "rb").read()
+    os.remove(exported)  # as in a fresh clone: git does not keep .tflite files
+    shutil.rmtree(str(tmp_path / "store"))  # re-exporting needs neither the store nor training
+    monkeypatch.setattr(pipeline, "ensure_store", None)
+
+    again = pipeline.run_distillation(config, workdir, progress=False)
+    assert open(exported, "rb").read() == original
+    assert again["val_accuracy"] == first["val_accuracy"] and again["history"] == first["history"]
+    assert again["tflite"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert json.loads(open(os.path.join(workdir, pipeline.RESULTS)).read())["tflite"] == again["tflite"]
+
+    os.remove(exported)
+    os.remove(os.path.join(workdir, pipeline.STUDENT))
+    with pytest.raises(NotAModelError, match="student.h5"):
+        pipeline.run_distillation(config, workdir, progress=False)
 
 
 def test_stem_stride_2_with_attention_transfer_is_refused():
