@@ -3,8 +3,8 @@
 A campaign is a list of ``Run``s, each with its own work directory. The runner launches
 ``scripts/distill.py`` once per unfinished run (a subprocess, output appended to
 ``<run>/log.txt``), skips runs whose ``results.json`` and the files it names exist, and
-keeps going when a run
-fails: the failure is reported in the rows and the run is retried on the next invocation.
+keeps going when a run fails: the failure is reported in the rows and the run is retried on
+the next invocation.
 Before launching, ``<run>/command.json`` records the flags, so a finished run can be
 checked against what the campaign asks for now (``StaleRunError`` on a mismatch: results
 of a different recipe are never mixed in silently).

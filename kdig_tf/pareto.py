@@ -1,5 +1,6 @@
-"""Latency-aware students: a keep_blocks x width x TFLite-mode grid, plus named extra
-candidates, timed against the fp32 teacher, the Pareto front, and the candidates at least ``target`` times faster.
+"""Latency-aware students: a keep_blocks x width x TFLite-mode grid plus named extra
+candidates, timed against the fp32 teacher; the Pareto front, and the candidates at least
+``target`` times faster.
 
 What ``scripts/latency_sweep.py`` runs. Every latency is a LiteRT (XNNPACK) measurement at
 batch 1 (``benchmark.measure_latency``, a fresh subprocess per model by default). The fp32
@@ -390,8 +391,7 @@ def _cached_accuracy(cache, path, flags, accuracy_fn):
 
 
 def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(), train=False, flagfile=None,
-                      method="kd_ig",
-                      seed=0, extra_flags="", final_report=False, num_threads=1, warmup_runs=5, num_runs=50,
+                      method="kd_ig", seed=0, extra_flags="", final_report=False, num_threads=1, warmup_runs=5, num_runs=50,
                       target_speedup=10.0, num_calibration=128, random_seed=0, isolate=True, command=None,
                       teacher=None, latency_fn=None, accuracy_fn=tflite_accuracy,
                       launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT, dry_run=False,
@@ -447,8 +447,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         path = random_tflite(teacher, os.path.join(tflite_dir, "teacher_fp32.tflite"), REFERENCE_MODE,
                              "normalized", num_calibration, random_seed)
         entries.insert(0, dict(name=TEACHER, role=TEACHER, keep_blocks=None, width_multiplier=None,
-                               stem_stride=None, mode=REFERENCE_MODE, path=path, params=teacher_params, macs=teacher_macs,
-                               weights="random"))
+                               stem_stride=None, mode=REFERENCE_MODE, path=path, params=teacher_params,
+                               macs=teacher_macs, weights="random"))
 
     cache_path = os.path.join(output_dir, ACCURACY_CACHE)
     accuracy_cache = read_json_or_none(cache_path) or {}
@@ -458,8 +458,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         params, macs = models.count_trainable_params(student), benchmark.count_macs(student)
         for mode in modes:
             entry = dict(name=name, role="student", keep_blocks=keep, width_multiplier=width, stem_stride=stride,
-                         mode=mode,
-                         params=params, macs=macs, weights="random", accuracy=None)
+                         mode=mode, params=params, macs=macs, weights="random", accuracy=None)
             path, results = _trained_file(run_rows.get(name), mode)
             if path is not None:
                 flags = results.get("flags") or {}
@@ -533,8 +532,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         "command": command or shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),
         "machine": machine,
-        "settings": {"keep_blocks": keep_blocks, "widths": widths, "extra_candidates": extra_candidates, "modes": modes,
-                     "train": bool(train),
+        "settings": {"keep_blocks": keep_blocks, "widths": widths, "extra_candidates": extra_candidates,
+                     "modes": modes, "train": bool(train),
                      "batch_size": 1, "num_threads": int(num_threads), "warmup_runs": int(warmup_runs),
                      "num_runs": int(num_runs), "isolate": bool(isolate), "random_seed": random_seed,
                      "num_calibration": int(num_calibration), "method": method if train else None,
@@ -560,8 +559,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
 
 
 def _summary(row):
-    keys = ("name", "keep_blocks", "width_multiplier", "stem_stride", "mode", "params", "macs", "latency_median_ms",
-            "latency_p90_ms", "speedup_median", "speedup_p90", "accuracy", "accuracy_split")
+    keys = ("name", "keep_blocks", "width_multiplier", "stem_stride", "mode", "params", "macs",
+            "latency_median_ms", "latency_p90_ms", "speedup_median", "speedup_p90", "accuracy", "accuracy_split")
     return {key: row.get(key) for key in keys}
 
 

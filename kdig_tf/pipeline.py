@@ -447,9 +447,7 @@ def _reexport_if_missing(results, config, workdir):
     Exports are derived from student.h5 and not kept by git, so a fresh checkout of a
     finished run lacks them; remaking them needs neither the teacher nor the store.
     """
-    missing = [mode for mode in config.modes()
-               if not os.path.isfile(os.path.join(workdir, f"student_{mode}.tflite"))]
-    if not missing:
+    if all(os.path.isfile(os.path.join(workdir, f"student_{mode}.tflite")) for mode in config.modes()):
         return results
     student_path = os.path.join(workdir, STUDENT)
     if not os.path.isfile(student_path):

@@ -12,8 +12,8 @@ fp32 teacher at batch 1 on one thread, and what accuracy does it keep?
 Every candidate is timed with LiteRT (XNNPACK) in a fresh subprocess; the fp32 teacher is
 timed first and last in the same run and is the reference for every speed-up. With
 ``--train`` each candidate is a ``scripts/distill.py`` run in
-``<output_dir>/runs/k<keep>_w<width>[_s<stride>]/<method>/seed<seed>`` (finished runs are skipped, failed
-ones retried); its exported fp32/int8 files (int8 calibrated on the training split) are
+``<output_dir>/runs/k<keep>_w<width>[_s<stride>]/<method>/seed<seed>`` (finished runs are
+skipped, failed ones retried); its exported fp32/int8 files (int8 calibrated on the training split) are
 timed and evaluated on the validation split. Input resolution is not swept (the
 distillation pipeline only trains on 32x32 images); ``--extra_candidates=k14_w1_s2`` adds a
 student whose stem downsamples, which costs its blocks what a 16x16 input would.
@@ -78,8 +78,7 @@ def _sweep():
         extra = f"{extra} --data_dir={shlex.quote(FLAGS.data_dir)}".strip()
     report = pareto.run_latency_sweep(
         FLAGS.output_dir, FLAGS.keep_blocks, FLAGS.widths, FLAGS.modes, extra_candidates=FLAGS.extra_candidates,
-        train=FLAGS.train,
-        flagfile=FLAGS.flagfile_base or None, method=FLAGS.method, seed=FLAGS.seed, extra_flags=extra,
+        train=FLAGS.train, flagfile=FLAGS.flagfile_base or None, method=FLAGS.method, seed=FLAGS.seed, extra_flags=extra,
         final_report=FLAGS.final_report, num_threads=FLAGS.num_threads, warmup_runs=FLAGS.warmup_runs,
         num_runs=FLAGS.num_runs, target_speedup=FLAGS.target_speedup, num_calibration=FLAGS.num_calibration,
         random_seed=FLAGS.random_seed, isolate=FLAGS.isolate, command=shlex.join([sys.executable, *sys.argv]),
