@@ -33,8 +33,12 @@ def _prepare(output_dir, flagfile, extra_flags, final_report, split_overrides=No
 
 def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_flags="", reference="student",
                  final_report=False, launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT,
-                 dry_run=False, log=print):
-    """Arms x seeds; writes runs.{csv,json}, summary.{json,md} and ablation.png into ``output_dir``."""
+                 dry_run=False, report_only=False, log=print):
+    """Arms x seeds; writes runs.{csv,json}, summary.{json,md} and ablation.png into ``output_dir``.
+
+    ``report_only`` launches nothing and rewrites the tables from the finished runs, e.g. after
+    running some arms alone (``methods=["student"]``), which leaves tables of those arms only.
+    """
     arms = experiments.parse_arms(arms)
     if reference not in arms:
         raise InvalidArgumentError(f"reference arm {reference!r} is not among the methods {arms}")
@@ -46,8 +50,9 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
         return _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction,
                                       reference, final_report)
 
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    rows_dir=output_dir, progress=None if dry_run else report)
+    launch_nothing = dry_run or report_only
+    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=launch_nothing, log=log,
+                                    rows_dir=output_dir, progress=None if launch_nothing else report)
     return None if dry_run else report(rows)
 
 

@@ -18,6 +18,10 @@ mean difference with its 95 % CI against ``--reference``; the exact commands) an
 
 Per-run flags go through ``--extra_flags``, e.g. ``--extra_flags="--epochs=30 --export_modes="``
 (no TFLite export: the ablation only needs accuracies).
+
+``--methods=student`` runs that arm alone (its runs need no IG store) but leaves tables of
+that arm only; ``--report_only`` with the full ``--methods`` list rewrites them from every
+finished run without launching anything.
 """
 import os
 import sys
@@ -41,6 +45,8 @@ flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epoc
 flags.DEFINE_string("reference", "student", "Arm every other arm is tested against.")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation, never for tuning).")
 flags.DEFINE_bool("dry_run", False, "Print the commands of unfinished runs; launch nothing.")
+flags.DEFINE_bool("report_only", False,
+                  "Launch nothing; rewrite runs.csv, summary.{json,md} and the plot from the finished runs.")
 flags.DEFINE_string("distill_script", experiments.DISTILL_SCRIPT, "The training script to run.")
 
 
@@ -57,7 +63,8 @@ def _ablation():
     summary = campaigns.run_ablation(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
         subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, reference=FLAGS.reference,
-        final_report=FLAGS.final_report, script=FLAGS.distill_script, dry_run=FLAGS.dry_run)
+        final_report=FLAGS.final_report, script=FLAGS.distill_script, dry_run=FLAGS.dry_run,
+        report_only=FLAGS.report_only)
     if summary is not None:
         print(reports.arms_markdown(summary["arms"], summary["reference"], "val acc"))
         print(f"written: {os.path.join(FLAGS.output_dir, 'summary.md')}")

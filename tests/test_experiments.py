@@ -298,6 +298,26 @@ def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
         assert [row["status"] for row in json.load(handle)] == ["skipped", "skipped", "ok", "ok"]
 
 
+def test_one_arm_alone_then_report_only_restores_every_arm_in_the_tables(tmp_path):
+    out = str(tmp_path / "ablation")
+    fake = FakeDistill(by_arm)
+    campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0], launcher=fake, log=quiet)
+    alone = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student"], [0, 1], launcher=fake, log=quiet)
+    assert len(fake.calls) == 3 and set(alone["arms"]) == {"student"}  # the tables lost kd
+
+    messages = []
+    summary = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1], launcher=fake,
+                                     report_only=True, log=messages.append)
+    assert len(fake.calls) == 3  # launched nothing
+    assert summary["arms"]["student"]["n"] == 2 and summary["arms"]["kd"]["n"] == 1
+    assert summary["arms"]["kd"]["unfinished"] == ["kd/seed1"]
+    assert any("would run" in message and "kd/seed1" in message for message in messages)
+    with open(os.path.join(out, "summary.json")) as handle:
+        assert json.load(handle) == summary
+    with open(os.path.join(out, "runs.json")) as handle:
+        assert [row["status"] for row in json.load(handle)] == ["skipped", "skipped", "skipped", "pending"]
+
+
 def test_ablation_refuses_test_split_unless_final_report(tmp_path):
     fake = FakeDistill(by_arm)
     with pytest.raises(TestSplitSelectionError):
