@@ -391,7 +391,8 @@ def _cached_accuracy(cache, path, flags, accuracy_fn):
 
 
 def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(), train=False, flagfile=None,
-                      method="kd_ig", seed=0, extra_flags="", final_report=False, num_threads=1, warmup_runs=5, num_runs=50,
+                      method="kd_ig", seed=0, extra_flags="", final_report=False, num_threads=1, warmup_runs=5,
+                      num_runs=50,
                       target_speedup=10.0, num_calibration=128, random_seed=0, isolate=True, command=None,
                       teacher=None, latency_fn=None, accuracy_fn=tflite_accuracy,
                       launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT, dry_run=False,

@@ -78,7 +78,8 @@ def _sweep():
         extra = f"{extra} --data_dir={shlex.quote(FLAGS.data_dir)}".strip()
     report = pareto.run_latency_sweep(
         FLAGS.output_dir, FLAGS.keep_blocks, FLAGS.widths, FLAGS.modes, extra_candidates=FLAGS.extra_candidates,
-        train=FLAGS.train, flagfile=FLAGS.flagfile_base or None, method=FLAGS.method, seed=FLAGS.seed, extra_flags=extra,
+        train=FLAGS.train, flagfile=FLAGS.flagfile_base or None, method=FLAGS.method, seed=FLAGS.seed,
+        extra_flags=extra,
         final_report=FLAGS.final_report, num_threads=FLAGS.num_threads, warmup_runs=FLAGS.warmup_runs,
         num_runs=FLAGS.num_runs, target_speedup=FLAGS.target_speedup, num_calibration=FLAGS.num_calibration,
         random_seed=FLAGS.random_seed, isolate=FLAGS.isolate, command=shlex.join([sys.executable, *sys.argv]),
