@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
+from kdig_tf.records import MissingMapsError
 
 # Below this range a map is treated as constant and contributes zeros, not NaNs.
 CONSTANT_MAP_EPSILON = 1e-12
@@ -181,6 +182,9 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
     check_overlay_args(p, beta, power_range)
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    if p > 0 and not store.has_maps:
+        raise MissingMapsError(f"{store.store_dir} is a logits-only store: the IG overlay (p={p}) needs a store "
+                               "built with IG maps")
     if cached_targets_order not in TARGET_ORDERS:
         raise UnknownKeyError(f"cached_targets_order must be one of {TARGET_ORDERS}, got {cached_targets_order!r}")
     image_shape = store.image_shape

@@ -161,17 +161,33 @@ def load_teacher(path, num_classes=None):
     return teacher
 
 
+def logits_store_dir(store_dir):
+    """Where the methods without the IG overlay keep a logits-only store: beside ``store_dir``."""
+    return os.path.normpath(store_dir) + "_logits"
+
+
 def ensure_store(config, teacher, store_dir, progress=True, teacher_hash=None):
-    """Open the store for ``config``, building it first if it does not exist."""
+    """Open the store for ``config``, building it first if it does not exist.
+
+    A method without the IG overlay needs only the teacher's logits. It reads the finished
+    store in ``store_dir`` if there is one, and otherwise a logits-only store in
+    :func:`logits_store_dir`, which costs one teacher pass instead of IG for every image.
+    Both give the same logits and the same batches, so the trained student is the same.
+    """
     teacher_hash = teacher_hash or records.weights_fingerprint(teacher)
-    targets = records.TeacherTargets(teacher, steps=config.ig_steps, method=config.ig_method,
-                                     baseline=config.ig_baseline, max_batch=config.ig_max_batch)
+    if config.uses_ig or os.path.exists(os.path.join(store_dir, records.MANIFEST)):
+        targets = records.TeacherTargets(teacher, steps=config.ig_steps, method=config.ig_method,
+                                         baseline=config.ig_baseline, max_batch=config.ig_max_batch)
+        map_encoding = config.map_encoding
+    else:
+        targets = records.TeacherTargets(teacher, with_maps=False)
+        store_dir, map_encoding = logits_store_dir(store_dir), records.NO_MAPS
     expected = records.store_settings(config.dataset, config.train_split, teacher_hash, targets.settings(),
-                                      config.map_encoding)
+                                      map_encoding)
     if not os.path.exists(os.path.join(store_dir, records.MANIFEST)):
         records.precompute_store(store_dir, targets, teacher_hash, config.dataset, config.train_split,
                                  config.data_dir, examples_per_shard=config.examples_per_shard,
-                                 map_encoding=config.map_encoding, progress=progress)
+                                 map_encoding=map_encoding, progress=progress)
     return records.Store(store_dir, expected=expected)
 
 

@@ -11,6 +11,10 @@ Each record holds ``id`` (the tfds example id), ``index`` (position in the split
 a per-map ``map_scale``). Nothing is ever looked up by position across files: an image
 and its targets travel in the same record, so they cannot be misaligned.
 
+A *logits-only* store (``map_encoding="none"``, IG settings ``None``) holds no maps. It
+costs one teacher pass instead of IG for every image, and serves the methods without
+the overlay; reading it with an overlay probability p > 0 raises :class:`MissingMapsError`.
+
 A shard is written under a temporary name and renamed when complete, then its sidecar
 JSON is written. A rerun skips every shard whose sidecar matches the settings, so a
 killed run resumes without recomputing. ``shard_index``/``num_workers`` split the shards
@@ -32,7 +36,8 @@ from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
-MAP_ENCODINGS = ("float16", "uint8")
+NO_MAPS = "none"  # the map encoding of a logits-only store
+MAP_ENCODINGS = ("float16", "uint8", NO_MAPS)
 
 
 class StoreError(KdigError):
@@ -55,6 +60,10 @@ class NonFiniteMapError(StoreError):
     """An IG map or logits vector holds NaN or Inf."""
 
 
+class MissingMapsError(StoreError):
+    """A logits-only store was asked for IG maps."""
+
+
 def weights_fingerprint(model):
     """sha256 over the model's weights (names, shapes and bytes), independent of file format."""
     digest = hashlib.sha256()
@@ -67,11 +76,17 @@ def weights_fingerprint(model):
 
 
 def store_settings(dataset, split, teacher_hash, ig_settings, map_encoding="float16"):
-    """Everything a store depends on. A reader's request must match it exactly."""
+    """Everything a store depends on. A reader's request must match it exactly.
+
+    ``ig_settings`` is None exactly when ``map_encoding`` is ``"none"`` (a logits-only store).
+    """
     if map_encoding not in MAP_ENCODINGS:
         raise InvalidArgumentError(f"map_encoding must be one of {MAP_ENCODINGS}, got {map_encoding!r}")
+    if (ig_settings is None) != (map_encoding == NO_MAPS):
+        raise InvalidArgumentError(f"map_encoding {map_encoding!r} needs IG settings exactly when it stores maps, "
+                                   f"got {ig_settings!r}")
     return {"version": STORE_VERSION, "dataset": dataset, "split": split, "teacher_sha256": teacher_hash,
-            "ig": dict(ig_settings), "map_encoding": map_encoding}
+            "ig": None if ig_settings is None else dict(ig_settings), "map_encoding": map_encoding}
 
 
 def shard_name(shard_id, num_shards):
@@ -92,6 +107,8 @@ def _float_feature(values):
 
 def encode_map(ig_map, encoding):
     """Map [H,W] float -> (bytes, scale). uint8 stores round(map / max * 255) and max."""
+    if encoding == NO_MAPS:
+        return b"", 0.0
     if encoding == "float16":
         return ig_map.astype(np.float16).tobytes(), 1.0
     scale = float(ig_map.max()) if ig_map.size else 0.0
@@ -100,10 +117,16 @@ def encode_map(ig_map, encoding):
 
 
 def serialize_example(example_id, index, label, image, logits, ig_map, encoding="float16"):
-    """One self-contained record. Refuses non-finite values and mismatched shapes."""
+    """One self-contained record. Refuses non-finite values and mismatched shapes.
+
+    ``ig_map`` is None exactly for ``encoding="none"`` (a logits-only record).
+    """
     image = np.asarray(image)
-    ig_map = np.asarray(ig_map, np.float32)
     logits = np.asarray(logits, np.float32)
+    if (ig_map is None) != (encoding == NO_MAPS):
+        raise InvalidArgumentError(f"a map is needed exactly when encoding is not {NO_MAPS!r} "
+                                   f"(encoding {encoding!r}, example {example_id})")
+    ig_map = np.zeros(image.shape[:2], np.float32) if ig_map is None else np.asarray(ig_map, np.float32)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ShapeMismatchError(f"image must be uint8 [H,W,C], got {image.dtype} {image.shape}")
     if ig_map.shape != image.shape[:2]:
@@ -143,7 +166,9 @@ def parse_batch(serialized, image_shape, num_classes, map_encoding):
     parsed = tf.io.parse_example(serialized, _parse_spec(num_classes))
     height, width, channels = image_shape
     images = tf.reshape(tf.io.decode_raw(parsed["image"], tf.uint8), [-1, height, width, channels])
-    if map_encoding == "float16":
+    if map_encoding == NO_MAPS:  # constant maps: they never reach an image, see MissingMapsError
+        maps = tf.zeros([tf.shape(images)[0], height * width])
+    elif map_encoding == "float16":
         maps = tf.cast(tf.io.decode_raw(parsed["map"], tf.float16), tf.float32)
     else:
         maps = tf.cast(tf.io.decode_raw(parsed["map"], tf.uint8), tf.float32) / 255.0 * parsed["map_scale"]
@@ -160,23 +185,34 @@ def _ids_digest(ids):
 
 
 class TeacherTargets:
-    """Computes (logits, IG map) for uint8 images with one teacher and one IG setup."""
+    """Computes (logits, IG map) for uint8 images with one teacher and one IG setup.
+
+    With ``with_maps=False`` it computes the logits only and returns None for the maps.
+    """
 
     def __init__(self, teacher, preprocess=data.preprocess_teacher, steps=50, method="gausslegendre",
-                 baseline="zeros", max_batch=256, pixel_to_input=data.normalize_teacher):
+                 baseline="zeros", max_batch=256, pixel_to_input=data.normalize_teacher, with_maps=True):
         self.teacher = teacher
         self.preprocess = preprocess
-        self.ig = attribution.IntegratedGradients(
-            teacher, steps=steps, method=method, baseline=baseline, max_batch=max_batch,
-            pixel_to_input=pixel_to_input)
+        self.ig = None
+        if with_maps:
+            self.ig = attribution.IntegratedGradients(
+                teacher, steps=steps, method=method, baseline=baseline, max_batch=max_batch,
+                pixel_to_input=pixel_to_input)
         self._logits = tf.function(lambda x: teacher(x, training=False), reduce_retracing=True)
 
+    @property
+    def with_maps(self):
+        return self.ig is not None
+
     def settings(self):
-        return self.ig.settings()
+        return None if self.ig is None else self.ig.settings()
 
     def __call__(self, images_uint8, labels):
         inputs = self.preprocess(tf.convert_to_tensor(images_uint8))
         logits = self._logits(inputs)
+        if self.ig is None:
+            return logits.numpy(), None
         result = self.ig(inputs, tf.cast(labels, tf.int32))
         return logits.numpy(), attribution.attribution_map(result.attributions).numpy()
 
@@ -208,8 +244,9 @@ def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10"
 
     owned = [shard for shard in range(num_shards) if shard % num_workers == shard_index]
     todo = [shard for shard in owned if not _shard_done(store_dir, shard, num_shards, settings)]
+    what = "IG+logits" if teacher_targets.with_maps else "logits"
     bar = tqdm(total=sum(min(examples_per_shard, total - s * examples_per_shard) for s in todo),
-               unit="img", desc=f"IG+logits ({len(todo)}/{len(owned)} shards to do)", disable=not progress)
+               unit="img", desc=f"{what} ({len(todo)}/{len(owned)} shards to do)", disable=not progress)
     for shard in todo:
         start = shard * examples_per_shard
         count = min(examples_per_shard, total - start)
@@ -263,7 +300,8 @@ def _write_shard(store_dir, shard, num_shards, shard_ds, start, count, teacher_t
                 for row in range(len(batch_ids)):
                     example_id = batch_ids[row].numpy()
                     writer.write(serialize_example(example_id, index, labels[row].numpy(), images[row].numpy(),
-                                                   logits[row], maps[row], settings["map_encoding"]))
+                                                   logits[row], None if maps is None else maps[row],
+                                                   settings["map_encoding"]))
                     ids.append(example_id)
                     index += 1
                 bar.update(len(batch_ids))
@@ -339,6 +377,10 @@ class Store:
     @property
     def map_encoding(self):
         return self.manifest["map_encoding"]
+
+    @property
+    def has_maps(self):
+        return self.map_encoding != NO_MAPS
 
     @property
     def num_classes(self):

@@ -265,3 +265,22 @@ def test_student_arm_sees_the_same_batches_as_the_store_arms(tmp_path, teacher_p
         np.testing.assert_allclose(plain_inputs.numpy(), inputs.numpy(), rtol=0, atol=1e-6)
         batches += 1
     assert batches == 2 * 3  # 12 examples, batch 4, two epochs
+
+
+def test_kd_arm_reads_a_logits_only_store_until_a_full_one_exists_and_trains_the_same_student(tmp_path,
+                                                                                                teacher_path):
+    store_dir = str(tmp_path / "store")
+    kd = _config(teacher_path, method="kd", store_dir=store_dir)
+    from_logits = pipeline.run_distillation(kd, str(tmp_path / "kd_a"), progress=False)
+    assert from_logits["store"]["dir"] == os.path.abspath(pipeline.logits_store_dir(store_dir))
+    assert from_logits["store"]["ig"] is None
+    assert not os.path.exists(store_dir)  # no IG was computed for the kd arm
+
+    pipeline.run_distillation(_config(teacher_path, method="ig", store_dir=store_dir), str(tmp_path / "ig"),
+                              progress=False)
+    from_full = pipeline.run_distillation(kd, str(tmp_path / "kd_b"), progress=False)
+    assert from_full["store"]["dir"] == os.path.abspath(store_dir) and from_full["store"]["ig"] is not None
+    for a, b in zip(keras.models.load_model(from_logits["student_path"], compile=False).get_weights(),
+                    keras.models.load_model(from_full["student_path"], compile=False).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert from_logits["history"]["loss"] == from_full["history"]["loss"]

@@ -261,3 +261,58 @@ def test_shuffled_targets_control_permutes_pairing(built_store):
         assert t == expected_source[i]
         np.testing.assert_array_equal(logits, logits_by_id[t])  # the logits really are another image's
     assert np.mean([i == t for i, t, _ in shuffled]) == np.mean(permutation == np.arange(NUM_EXAMPLES))
+
+
+def _build_logits_only(store_dir, teacher):
+    targets = records.TeacherTargets(teacher, with_maps=False)
+    return records.precompute_store(str(store_dir), targets, records.weights_fingerprint(teacher), split="train",
+                                    examples_per_shard=5, batch_size=4, map_encoding=records.NO_MAPS,
+                                    progress=False)
+
+
+def test_logits_only_store_holds_the_full_stores_logits_and_no_maps(built_store, tiny_teacher, tmp_path):
+    _build_logits_only(tmp_path, tiny_teacher)
+    request = records.store_settings("cifar10", "train", records.weights_fingerprint(tiny_teacher), None,
+                                     records.NO_MAPS)
+    logits_only = records.Store(str(tmp_path), expected=request)
+    full = records.Store(str(built_store))
+    assert full.has_maps and not logits_only.has_maps
+    assert logits_only.manifest["ig"] is None
+    # A full-store request never opens a logits-only store, and the other way round.
+    with pytest.raises(records.StoreMismatchError):
+        records.Store(str(tmp_path), expected=_request(tiny_teacher))
+    with pytest.raises(records.StoreMismatchError):
+        records.Store(str(built_store), expected=request)
+    without_maps, with_maps = logits_only.read_all(), full.read_all()
+    for key in ("id", "index", "label", "image", "logits"):
+        np.testing.assert_array_equal(without_maps[key], with_maps[key])
+    assert np.all(without_maps["map"] == 0) and np.any(with_maps["map"] > 0)
+
+
+def test_logits_only_store_refuses_the_overlay_and_feeds_kd_the_same_batches(built_store, tiny_teacher, tmp_path):
+    _build_logits_only(tmp_path, tiny_teacher)
+    logits_only, full = records.Store(str(tmp_path)), records.Store(str(built_store))
+    with pytest.raises(records.MissingMapsError):
+        overlay.training_dataset(logits_only, 4, p=0.1)
+    for order in overlay.TARGET_ORDERS:
+        batches = 0
+        for ours, theirs in zip(overlay.training_dataset(logits_only, 4, p=0.0, seed=7, cached_targets_order=order),
+                                overlay.training_dataset(full, 4, p=0.0, seed=7, cached_targets_order=order)):
+            for mine, other in zip(ours, theirs):
+                np.testing.assert_array_equal(mine.numpy(), other.numpy())
+            batches += 1
+        assert batches == 3
+
+
+def test_map_presence_must_match_the_encoding(mock_cifar, tiny_teacher, tmp_path):
+    image = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(InvalidArgumentError):
+        records.serialize_example("a", 0, 1, image, np.zeros(10), None, encoding="float16")
+    with pytest.raises(InvalidArgumentError):
+        records.serialize_example("a", 0, 1, image, np.zeros(10), np.zeros((4, 4)), encoding=records.NO_MAPS)
+    with pytest.raises(InvalidArgumentError):  # IG targets cannot fill a logits-only store, nor the reverse
+        _build(tmp_path, tiny_teacher, map_encoding=records.NO_MAPS)
+    with pytest.raises(InvalidArgumentError):
+        records.precompute_store(str(tmp_path), records.TeacherTargets(tiny_teacher, with_maps=False),
+                                 records.weights_fingerprint(tiny_teacher), split="train", progress=False)
+    assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []
