@@ -388,7 +388,11 @@ def write_rows(rows, output_dir, stem="runs"):
 
 
 def default_store_dir(output_dir, base_flags, extra):
-    """One IG/logit store shared by all runs of a campaign, unless the base flags pick one."""
+    """One IG/logit store shared by all runs of a campaign, unless the base flags pick one.
+
+    Arms without the overlay read a logits-only store beside it until it exists
+    (:func:`kdig_tf.pipeline.ensure_store`).
+    """
     if "store_dir" in base_flags or "store_dir" in extra:
         return {}
     return {"store_dir": os.path.abspath(os.path.join(output_dir, "store"))}
