@@ -3,6 +3,9 @@
     python scripts/precompute_ig.py --teacher=pretrained/teacher.h5 --split='train[:45000]' \
         --output_dir=runs/store --data_dir=../shared/tensorflow_datasets
 
+``--map_encoding=none`` stores the logits only (one teacher pass instead of IG), for the
+methods without the overlay such as ``kd``.
+
 Resumable: finished shards are kept and never recomputed. To scale out, start one process
 per worker with --shard_index=i --num_workers=n (same flags otherwise), then run once
 with --merge to write the manifest.
@@ -28,7 +31,7 @@ flags.DEFINE_string("baseline", "zeros", "zeros (in the teacher's normalised spa
 flags.DEFINE_integer("max_batch", 256, "Path points per gradient batch (memory bound).")
 flags.DEFINE_integer("batch_size", 64, "Images per IG call.")
 flags.DEFINE_integer("examples_per_shard", 2500, "Records per shard (the unit of resume).")
-flags.DEFINE_string("map_encoding", "float16", "float16, or uint8 with a per-map scale.")
+flags.DEFINE_string("map_encoding", "float16", "float16, uint8 with a per-map scale, or none (logits only).")
 flags.DEFINE_integer("shard_index", 0, "This worker's index in [0, num_workers).")
 flags.DEFINE_integer("num_workers", 1, "Number of workers splitting the shards.")
 flags.DEFINE_bool("merge", False, "Only merge finished shards into manifest.json.")
@@ -54,7 +57,7 @@ def _run():
         return
     teacher = load_teacher(FLAGS.teacher)
     targets = records.TeacherTargets(teacher, steps=FLAGS.steps, method=FLAGS.method, baseline=FLAGS.baseline,
-                                     max_batch=FLAGS.max_batch)
+                                     max_batch=FLAGS.max_batch, with_maps=FLAGS.map_encoding != records.NO_MAPS)
     start = time.time()
     settings = records.precompute_store(
         FLAGS.output_dir, targets, records.weights_fingerprint(teacher), FLAGS.dataset, FLAGS.split,
