@@ -239,7 +239,10 @@ def _pyplot():
 
 
 def plot_arms(arms, path, ylabel, title):
-    """One column per arm: every seed as a point, the mean ± sd as a bar with error bars."""
+    """A strip plot: one column per arm, every seed as a point, the mean ± sd as a marker and error bar.
+
+    No bars: the y axis is cut to the data, and a bar's length would then exaggerate the gaps.
+    """
     plt = _pyplot()
     names = list(arms)
     figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 4.0))
@@ -249,7 +252,6 @@ def plot_arms(arms, path, ylabel, title):
         if not entry["n"]:
             continue
         sd = entry.get("sd")
-        axes.bar(x, entry["mean"], width=0.6, color="C0", alpha=0.25)
         axes.errorbar(x, entry["mean"], yerr=sd if sd is not None else None, fmt="_", color="k",
                       capsize=6, markersize=20, zorder=3)
         jitter = rng.uniform(-0.15, 0.15, size=len(entry["values"]))
@@ -258,7 +260,7 @@ def plot_arms(arms, path, ylabel, title):
     if finished:
         low, high = min(finished), max(finished)
         pad = max(0.5, 0.15 * (high - low))
-        axes.set_ylim(low - pad, high + pad)  # bars from zero would hide sub-point differences
+        axes.set_ylim(low - pad, high + pad)  # an axis from zero would hide sub-point differences
     axes.set_xticks(range(len(names)))
     axes.set_xticklabels([f"{arm}\n(n={arms[arm]['n']})" for arm in names])
     axes.set_ylabel(ylabel)
