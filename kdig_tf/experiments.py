@@ -32,10 +32,10 @@ from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json,
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISTILL_SCRIPT = os.path.join(REPO_ROOT, "scripts", "distill.py")
-METHODS = ("student", "kd", "ig", "kd_ig", "at", "kd_at", "ig_at", "kd_ig_at")
+METHODS = ("student", "kd", "ig", "kd_ig", "at", "kd_at", "ig_at", "kd_ig_at", "kd_online")
 # "kd_ig_shuffled" = --method=kd_ig --cached_targets_order=shuffled (the misalignment control).
 SHUFFLED_SUFFIX = "_shuffled"
-_NO_CACHED_TARGETS = ("student", "at")  # methods that never read the IG/logit store
+_NO_CACHED_TARGETS = ("student", "at", "kd_online")  # methods that never read the IG/logit store
 RESULTS_FILE = "results.json"
 COMMAND_FILE = "command.json"
 LOG_FILE = "log.txt"

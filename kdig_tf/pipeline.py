@@ -34,7 +34,11 @@ METHODS = {
     "kd_at": (True, False, True),
     "ig_at": (False, True, True),
     "kd_ig_at": (True, True, True),
+    # Consistent teaching: the frozen teacher runs on the augmented view the student sees,
+    # instead of its cached logits of the un-augmented image.
+    "kd_online": (True, False, False),
 }
+ONLINE_TEACHER_METHODS = ("kd_online",)
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 RESULTS = "results.json"
@@ -117,6 +121,9 @@ class DistillConfig:
             raise InvalidArgumentError(f"subset_fraction must be in (0, 1], got {self.subset_fraction}")
         if self.cached_targets_order not in overlay.TARGET_ORDERS:
             raise UnknownKeyError(f"cached_targets_order must be one of {overlay.TARGET_ORDERS}")
+        if self.teacher_online and self.cached_targets_order != "aligned":
+            raise InvalidArgumentError(f"{self.method} reads no cached targets: cached_targets_order must be "
+                                       "'aligned'")
         models.resolve_keep_blocks(self.keep_blocks)
         if self.stem_stride not in models.STEM_STRIDES:
             raise InvalidArgumentError(f"stem_stride must be one of {models.STEM_STRIDES}, got {self.stem_stride}")
@@ -144,6 +151,11 @@ class DistillConfig:
     @property
     def uses_at(self):
         return METHODS[self.method][2]
+
+    @property
+    def teacher_online(self):
+        """KD logits come from the teacher on each training batch, not from the store."""
+        return self.method in ONLINE_TEACHER_METHODS
 
     def effective(self):
         """(alpha, p, gamma) after the method switches terms off."""
@@ -372,7 +384,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     teacher_hash = None if teacher is None else records.weights_fingerprint(teacher)
     os.makedirs(workdir, exist_ok=True)
     claim_workdir(workdir, training_settings(config, teacher_hash))
-    if config.uses_kd or config.uses_ig:
+    if (config.uses_kd and not config.teacher_online) or config.uses_ig:
         store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress,
                              teacher_hash)
     store_seconds = time.time() - started
@@ -405,6 +417,8 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         else:
             train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep, epochs=config.epochs,
                                               initial_epoch=first_epoch)
+            if config.teacher_online:  # (input, label): the Distiller then asks the teacher
+                train_ds = train_ds.map(lambda inputs, labels, ids: (inputs, labels))
         val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
         # Reseeded here because loading the teacher and building the store consume random
         # ops: every arm of a campaign then starts from the same weights for the same seed
@@ -415,7 +429,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         at_loss = None
         if gamma > 0:
             at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)
-        model = distiller.Distiller(student, teacher if gamma > 0 else None,
+        model = distiller.Distiller(student, teacher if gamma > 0 or config.teacher_online else None,
                                     distiller.KDLoss(alpha, config.temperature), at_loss)
         model.compile(optimizer=_optimizer(config, steps_per_epoch))
         model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model

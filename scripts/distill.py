@@ -19,7 +19,8 @@ from absl import app, flags  # noqa: E402
 from kdig_tf.pipeline import DistillConfig  # noqa: E402
 
 HELP = {
-    "method": "student | kd | ig | kd_ig | at | kd_at | ig_at | kd_ig_at.",
+    "method": "student | kd | ig | kd_ig | at | kd_at | ig_at | kd_ig_at | kd_online (the teacher runs on each "
+              "augmented batch instead of its cached logits).",
     "teacher": "Teacher weights: a tf-keras .h5/.keras model or a PyTorch .pt state dict.",
     "dataset": "tfds dataset name.",
     "data_dir": "tfds data_dir (default: $TFDS_DATA_DIR).",
