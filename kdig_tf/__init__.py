@@ -2,12 +2,12 @@
 
 Importing the package selects tf-keras (Keras 2) for TensorFlow, because
 tensorflow-model-optimization only accepts tf-keras models. This must happen
-before TensorFlow is first imported, so it is the first thing the package does.
+before TensorFlow is first imported, so it is the first thing the package does,
+and it is the only environment variable the package sets (and only when unset).
 """
 import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from kdig_tf.errors import KdigError  # noqa: E402
 

@@ -21,6 +21,7 @@ import scipy.stats
 import tensorflow as tf
 
 from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
+from kdig_tf.io_utils import atomic_path, subplots
 
 DEFAULT_MAX_BATCH = 256
 
@@ -383,18 +384,7 @@ def _display_image(image):
     return np.clip(image.astype(np.float64), 0.0, 1.0)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_figure(fig, path):
-    from kdig_tf.io_utils import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
 
@@ -420,8 +410,7 @@ def plot_grid(images, teacher_maps, student_maps, labels, class_names, path,
     if not len(images) == len(teacher_maps) == len(student_maps) == len(labels):
         raise ShapeMismatchError("images, maps and labels must have the same length")
     rows = [int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
+    fig, axes = subplots(len(rows), 4, figsize=(8, 2.1 * len(rows)), squeeze=False)
     headers = ("image", teacher_name, student_name, "overlay (red/green)")
     for row, index in enumerate(rows):
         image = _display_image(images[index])
@@ -441,14 +430,12 @@ def plot_grid(images, teacher_maps, student_maps, labels, class_names, path,
         name = class_names[label] if class_names is not None and label < len(class_names) else str(label)
         axes[row, 0].set_ylabel(name, fontsize=9)
     _finish(fig, title, path)
-    plt.close(fig)
 
 
 def plot_curves(curves_by_model, path, title=None):
     """Mean deletion and insertion curves: ``{model_name: {"deletion": Curve, "insertion": Curve}}``."""
-    plt = _pyplot()
     kinds = ("deletion", "insertion")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    fig, axes = subplots(1, 2, figsize=(10, 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for name, curves in curves_by_model.items():
             if kind not in curves:
@@ -465,4 +452,3 @@ def plot_curves(curves_by_model, path, title=None):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _finish(fig, title, path)
-    plt.close(fig)

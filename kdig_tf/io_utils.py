@@ -83,3 +83,16 @@ def sha256_file(path, chunk=1 << 20):
         for block in iter(lambda: handle.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def subplots(*args, **kwargs):
+    """(Figure, axes) drawn off-screen, like ``pyplot.subplots`` but without pyplot.
+
+    No global backend is selected and no figure is registered, so importing or calling
+    kdig_tf never changes a notebook's matplotlib state; ``figure.savefig`` writes the file.
+    """
+    from matplotlib.figure import Figure
+
+    figsize = kwargs.pop("figsize", None)
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*args, **kwargs)

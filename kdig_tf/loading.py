@@ -5,6 +5,11 @@
 * ``*.weights.h5`` (or an ``.h5`` without a model config): weights only, which need the
   architecture (``arch``, ``keep_blocks``) to be given.
 
+``load_model`` returns networks as they were saved; ``load_pixel_model`` returns a *pixel
+model* (see ``kdig_tf.models``): a kdig_tf teacher or student saved without its
+preprocessing (``pretrained/teacher.h5``, the authors' ``.pt`` files, students trained before
+pixel models existed) is wrapped with it, and any other classifier is taken as it is.
+
 Every failure is a named KdigError: a missing, empty or unreadable file is NotAModelError,
 weights that do not fit the architecture are ShapeMismatchError.
 """
@@ -64,6 +69,26 @@ def load_model(path, arch=None, keep_blocks=None, num_classes=10, width_multipli
         raise NotAModelError(f"{path} is a TFLite model: run it with the LiteRT interpreter, not tf-keras")
     raise NotAModelError(
         f"{path}: unsupported model file type (expected .pt, .h5, .keras or .weights.h5)")
+
+
+def load_pixel_model(path, arch=None, keep_blocks=None, num_classes=10, width_multiplier=1.0):
+    """A model taking float pixels in [0, 255], from any file ``load_model`` reads or a SavedModel dir."""
+    if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "saved_model.pb")):
+        return as_pixel_model(_load_full_model(path))
+    return as_pixel_model(load_model(path, arch, keep_blocks, num_classes, width_multiplier))
+
+
+def as_pixel_model(model):
+    """Wrap a bare kdig_tf network with its preprocessing; return any other model unchanged."""
+    core, spec = models.split_preprocessing(model)
+    if spec != models.PIXEL_INPUT:
+        return model  # carries its preprocessing already
+    arch, _ = describe_model(model)
+    if arch == "teacher":
+        return models.with_preprocessing(model, models.CIFAR10_TEACHER_INPUT)
+    if arch == "student":
+        return models.with_preprocessing(model, models.UNIT_INPUT)
+    return model
 
 
 def _load_torch(path, arch, keep_blocks):

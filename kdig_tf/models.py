@@ -4,14 +4,30 @@ Layer names mirror the PyTorch (torchvision / huyvnphan ``PyTorch_CIFAR10``)
 state-dict prefixes with dots replaced by underscores, so ``features.3.conv.1.0``
 (a depthwise conv in PyTorch) is the Keras layer ``features_3_conv_1_0``.
 
-Models take already-preprocessed inputs: the teacher expects CIFAR mean/std
-normalised images, a student raw [0, 1] pixels (see ``kdig_tf.data``).
+``build_teacher``/``build_student`` return the bare networks ("cores"): the teacher expects
+CIFAR mean/std normalised images, a student [0, 1] images. A *pixel model* takes float
+pixels in [0, 255] and holds its scaling and normalisation as a leading
+``ImageNormalization`` layer, so it can be saved, exported and deployed without knowing
+how it was trained: ``with_preprocessing`` wraps a core into one, ``split_preprocessing``
+takes one apart again. kdig_tf's input pipelines produce [0, 1] images, and
+``InputSpec.from_unit`` maps them to a core's input exactly as before the wrapping existed,
+so wrapping changes no trained value. Any other Keras classifier is treated as a pixel model
+as it is (its own layers do the preprocessing).
 """
 import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 
+import dataclasses
+import os
+
+import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
+from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
+
+# The teacher's input normalisation (CIFAR-10 training-set statistics).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+PIXEL_RANGE = 255.0
 
 # (expansion t, output channels c, repeats n, first stride s). CIFAR variant:
 # the 24-channel stage keeps stride 1 (ImageNet uses 2).
@@ -223,3 +239,195 @@ def feature_layer_name(module_index, model=None):
     if model is not None and f"features_{module_index}_add" in [layer.name for layer in model.layers]:
         return f"features_{module_index}_add"
     return f"features_{module_index}_conv_{3 if expand != 1 else 2}"
+
+
+# --------------------------------------------------------------------------- pixel models
+
+@keras.utils.register_keras_serializable(package="kdig_tf")
+class ImageNormalization(keras.layers.Layer):
+    """Float pixels in [0, pixel_range] -> x / pixel_range, then (x - mean) / std per channel.
+
+    The same operations, in the same order, as the [0, 1] scaling and normalisation the
+    networks were trained with, so a wrapped network gives bit-identical outputs.
+    """
+
+    def __init__(self, mean=None, std=None, pixel_range=PIXEL_RANGE, **kwargs):
+        super().__init__(**kwargs)
+        if (mean is None) != (std is None):
+            raise InvalidArgumentError("give both mean and std, or neither")
+        if std is not None and min(float(value) for value in std) <= 0:
+            raise InvalidArgumentError(f"std must be > 0, got {std}")
+        if not float(pixel_range) > 0:
+            raise InvalidArgumentError(f"pixel_range must be > 0, got {pixel_range}")
+        self.mean = None if mean is None else tuple(float(value) for value in mean)
+        self.std = None if std is None else tuple(float(value) for value in std)
+        self.pixel_range = float(pixel_range)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if self.mean is not None and channels is not None and len(self.mean) != channels:
+            raise ShapeMismatchError(f"mean/std have {len(self.mean)} values for {channels} channels")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        unit = tf.cast(inputs, tf.float32) / self.pixel_range
+        return unit if self.mean is None else normalize(unit, self.mean, self.std)
+
+    def get_config(self):
+        return dict(super().get_config(), mean=self.mean, std=self.std, pixel_range=self.pixel_range)
+
+
+def normalize(images_unit, mean, std):
+    """[0, 1] images -> (x - mean) / std per channel."""
+    return (images_unit - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+INPUT_SPACES = ("unit", "normalized", "pixels")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a network's own input is, relative to [0, 1] images.
+
+    unit       : the [0, 1] image itself (kdig_tf students);
+    normalized : (x - mean) / std (the CIFAR teacher);
+    pixels     : x * 255, for a model that does its own preprocessing.
+    """
+    space: str = "pixels"
+    mean: tuple = None
+    std: tuple = None
+
+    def __post_init__(self):
+        if self.space not in INPUT_SPACES:
+            raise UnknownKeyError(f"unknown input space {self.space!r}; known: {INPUT_SPACES}")
+        if (self.space == "normalized") != (self.mean is not None and self.std is not None):
+            raise InvalidArgumentError("mean and std go with the 'normalized' input space, and only with it")
+
+    def from_unit(self, images_unit):
+        """[0, 1] images -> this network's input."""
+        if self.space == "unit":
+            return images_unit
+        if self.space == "normalized":
+            return normalize(images_unit, self.mean, self.std)
+        return images_unit * PIXEL_RANGE
+
+    def from_pixels(self, images):
+        """uint8 or float [0, 255] images -> this network's input."""
+        unit = tf.cast(images, tf.float32) / PIXEL_RANGE
+        return tf.cast(images, tf.float32) if self.space == "pixels" else self.from_unit(unit)
+
+    def to_config(self):
+        return {"space": self.space, "mean": self.mean and list(self.mean), "std": self.std and list(self.std)}
+
+
+UNIT_INPUT = InputSpec("unit")
+CIFAR10_TEACHER_INPUT = InputSpec("normalized", CIFAR10_MEAN, CIFAR10_STD)
+PIXEL_INPUT = InputSpec("pixels")
+
+
+def with_preprocessing(core, spec, name=None):
+    """A pixel model: float pixels -> ImageNormalization(spec) -> ``core`` (weights shared)."""
+    if spec.space == "pixels":
+        return core
+    shape = tuple(core.input_shape[1:])
+    inputs = keras.Input(shape=shape, name="pixels")
+    normalized = ImageNormalization(spec.mean, spec.std, name="image_normalization")(inputs)
+    return keras.Model(inputs, core(normalized), name=name or core.name)
+
+
+def split_preprocessing(model):
+    """(core, InputSpec) of a model: its network without a leading ImageNormalization layer.
+
+    A model without one is its own core and takes pixels.
+    """
+    layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers or not isinstance(layers[0], ImageNormalization):
+        return model, PIXEL_INPUT
+    normalization = layers[0]
+    if normalization.mean is None:
+        spec = UNIT_INPUT
+    else:
+        spec = InputSpec("normalized", normalization.mean, normalization.std)
+    if normalization.pixel_range != PIXEL_RANGE:
+        raise InvalidArgumentError(f"{model.name}: pixel_range {normalization.pixel_range} is not {PIXEL_RANGE}")
+    if len(layers) == 2 and isinstance(layers[1], keras.Model):  # with_preprocessing's nesting
+        return layers[1], spec
+    return keras.Model(normalization.output, model.outputs, name=f"{model.name}_core"), spec
+
+
+def build_pixel_teacher(**kwargs):
+    """The CIFAR MobileNetV2 teacher as a pixel model (CIFAR-10 mean/std inside)."""
+    return with_preprocessing(build_teacher(**kwargs), CIFAR10_TEACHER_INPUT)
+
+
+def build_pixel_student(**kwargs):
+    """A truncated MobileNetV2 student as a pixel model ([0, 1] scaling inside)."""
+    return with_preprocessing(build_student(**kwargs), UNIT_INPUT)
+
+
+# --------------------------------------------------------------------------- student specs
+
+def _mobilenetv2_student(num_classes, input_shape, keep=14, width=1.0, stem_stride=1):
+    return build_student(keep_blocks=int(keep), num_classes=num_classes, width_multiplier=float(width),
+                         input_shape=input_shape, stem_stride=int(stem_stride))
+
+
+# family -> (builder of the core, its input spec, the keys the spec may set)
+STUDENT_FAMILIES = {
+    "mobilenetv2": (_mobilenetv2_student, UNIT_INPUT, ("keep", "width", "stem_stride")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentSpec:
+    """A built-in student, e.g. ``mobilenetv2:keep=14,width=1.0,stem_stride=1``."""
+    family: str
+    options: tuple  # sorted (key, value) pairs
+
+    def build_core(self, num_classes, input_shape):
+        builder, _, _ = STUDENT_FAMILIES[self.family]
+        return builder(num_classes, tuple(input_shape), **dict(self.options))
+
+    @property
+    def input_spec(self):
+        return STUDENT_FAMILIES[self.family][1]
+
+    def __str__(self):
+        return self.family + (":" + ",".join(f"{key}={value}" for key, value in self.options) if self.options else "")
+
+
+def parse_student_spec(text):
+    """``"mobilenetv2:keep=14,width=1.0"`` -> StudentSpec; UnknownKeyError on an unknown family or key."""
+    family, _, rest = str(text).strip().partition(":")
+    family = family.strip().lower()
+    if family not in STUDENT_FAMILIES:
+        raise UnknownKeyError(f"unknown student family {family!r}; known: {sorted(STUDENT_FAMILIES)} "
+                              "(or give a .keras/.h5 model file)")
+    allowed = STUDENT_FAMILIES[family][2]
+    options = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise UnknownKeyError(f"bad student option {item!r} for {family}; known keys: {list(allowed)}")
+        try:
+            options[key] = float(value) if key == "width" else int(value)
+        except ValueError as err:
+            raise InvalidArgumentError(f"student option {key} needs a number, got {value!r}") from err
+    return StudentSpec(family, tuple(sorted(options.items())))
+
+
+def is_model_file(text):
+    """True when ``text`` names a model file or SavedModel directory rather than a built-in spec."""
+    text = str(text)
+    return text.lower().endswith((".keras", ".h5", ".pt", ".pth")) or os.path.isdir(text)
+
+
+def fresh_copy(model):
+    """The architecture of ``model`` with newly initialised weights (seeded by the global seed)."""
+    try:
+        copy = keras.models.clone_model(model)
+    except (ValueError, TypeError) as err:
+        raise InvalidArgumentError(f"cannot re-initialise {model.name}: {err}") from err
+    copy.build(model.input_shape)
+    return copy

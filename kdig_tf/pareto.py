@@ -34,7 +34,8 @@ import numpy as np
 
 from kdig_tf import benchmark, experiments
 from kdig_tf.errors import InvalidArgumentError, NotAModelError
-from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file
+from kdig_tf.io_utils import (atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file,
+                              subplots)
 
 REPORT_STEM = "latency_sweep"
 ACCURACY_CACHE = "accuracy.json"
@@ -223,23 +224,14 @@ def to_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_sweep(report, path):
     """Latency (log x) vs accuracy, or vs MACs without training; front as a step line."""
-    plt = _pyplot()
     y_key = report["pareto"]["y"]
     scale = 1e-6 if y_key == "macs" else 1.0
     students = [dict(row, y=row[y_key] * scale) for row in report["rows"]
                 if row["role"] == "student" and _finite(row.get(y_key))]
-    figure, axes = plt.subplots(figsize=(8.0, 5.0))
+    figure, axes = subplots(figsize=(8.0, 5.0))
     for index, mode in enumerate(report["settings"]["modes"]):
         mine = [row for row in students if row["mode"] == mode]
         if mine:
@@ -274,7 +266,6 @@ def plot_sweep(report, path):
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format="png")
-    plt.close(figure)
 
 
 # --------------------------------------------------------------------------- machine

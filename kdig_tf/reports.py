@@ -11,7 +11,7 @@ import numpy as np
 
 from kdig_tf import stats
 from kdig_tf.experiments import FINISHED, SHUFFLED_SUFFIX, format_flag_value
-from kdig_tf.io_utils import atomic_path
+from kdig_tf.io_utils import atomic_path, subplots
 
 
 # --------------------------------------------------------------------------- summaries
@@ -229,23 +229,14 @@ def sweep_markdown(points, val_split, reference):
 
 # --------------------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_arms(arms, path, ylabel, title):
     """A strip plot: one column per arm, every seed as a point, the mean ± sd as a marker and error bar.
 
     No bars: the y axis is cut to the data, and a bar's length would then exaggerate the gaps.
     """
-    plt = _pyplot()
     names = list(arms)
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 4.0))
+    figure, axes = subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 4.0))
     rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
     for x, arm in enumerate(names):
         entry = arms[arm]
@@ -269,13 +260,11 @@ def plot_arms(arms, path, ylabel, title):
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format="png")
-    plt.close(figure)
 
 
 def plot_sweep(points, path, val_split):
     """Accuracy vs compression (log x), one line per arm, latency written above each size."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    figure, axes = subplots(figsize=(7.5, 4.5))
     arms = list(dict.fromkeys(point["arm"] for point in points))
     for index, arm in enumerate(arms):
         mine = sorted((p for p in points if p["arm"] == arm and p["n"] and p["compression"]),
@@ -309,4 +298,3 @@ def plot_sweep(points, path, val_split):
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format="png")
-    plt.close(figure)

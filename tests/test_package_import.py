@@ -1,0 +1,31 @@
+"""Importing kdig_tf (and drawing its plots) leaves the caller's environment alone."""
+import subprocess
+import sys
+
+CHECK = """
+import os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# Third-party libraries set variables of their own (TF2_BEHAVIOR, HDF5_PLUGIN_PATH...) on import.
+import h5py, matplotlib, scipy.stats, tensorflow, tensorflow_datasets, tf_keras, tqdm
+import ai_edge_litert.interpreter
+before = dict(os.environ)
+backend = matplotlib.get_backend()
+import kdig_tf
+from kdig_tf import data, distiller, explain, export, loading, models, overlay, pareto, pipeline, records, reports
+changed = {key for key in set(before) | set(os.environ) if before.get(key) != os.environ.get(key)}
+assert not changed, changed
+from kdig_tf.io_utils import subplots
+figure, axes = subplots(figsize=(2, 2))
+axes.plot([0, 1], [1, 0])
+figure.savefig(os.path.join(sys.argv[1], "plot.png"))
+assert matplotlib.get_backend() == backend, (backend, matplotlib.get_backend())
+assert "matplotlib.pyplot" not in sys.modules
+print("ok")
+"""
+
+
+def test_import_changes_no_environment_variable_and_no_matplotlib_backend(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MPLBACKEND": "svg"}
+    result = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "plot.png").stat().st_size > 0
