@@ -69,18 +69,24 @@ def _gaussian_blur(images, sigma):
     return tf.nn.depthwise_conv2d(padded, tf.constant(kernel), [1, 1, 1, 1], "VALID")
 
 
-def make_baseline(kind, images, pixel_to_input=None, blur_sigma=4.0, seed=0):
+def make_baseline(kind, images, pixel_to_input=None, blur_sigma=4.0, seed=0, colour=None):
     """Baseline x' in the model's input space.
 
-    zeros   : 0 in input space (for a normalised teacher, the dataset mean colour; the paper's choice)
-    black   : pixel value 0, mapped through ``pixel_to_input``
-    blur    : the image blurred with a Gaussian of ``blur_sigma`` pixels
-    uniform : uniform [0,1] pixel noise, mapped through ``pixel_to_input``
+    zeros       : 0 in input space (for the normalised CIFAR teacher, the dataset mean colour)
+    mean_colour : the [0,1] RGB ``colour`` everywhere, mapped through ``pixel_to_input``; the
+                  paper's baseline stated without reference to where normalisation lives
+    black       : pixel value 0, mapped through ``pixel_to_input``
+    blur        : the image blurred with a Gaussian of ``blur_sigma`` pixels
+    uniform     : uniform [0,1] pixel noise, mapped through ``pixel_to_input``
     """
     images = tf.convert_to_tensor(images, tf.float32)
     to_input = pixel_to_input or (lambda pixels: pixels)
     if kind == "zeros":
         return tf.zeros_like(images)
+    if kind == "mean_colour":
+        if colour is None or len(colour) != images.shape[-1]:
+            raise InvalidArgumentError(f"the mean_colour baseline needs one [0,1] value per channel, got {colour}")
+        return to_input(tf.zeros_like(images) + tf.constant(colour, tf.float32))
     if kind == "black":
         return to_input(tf.zeros_like(images))
     if kind == "blur":
@@ -90,7 +96,7 @@ def make_baseline(kind, images, pixel_to_input=None, blur_sigma=4.0, seed=0):
     raise UnknownKeyError(f"unknown IG baseline {kind!r}; known: {BASELINES}")
 
 
-BASELINES = ("zeros", "black", "blur", "uniform")
+BASELINES = ("zeros", "mean_colour", "black", "blur", "uniform")
 OUTPUTS = ("logit", "probability")
 
 
@@ -104,7 +110,7 @@ class IntegratedGradients:
     """
 
     def __init__(self, model, steps=50, method="gausslegendre", baseline="zeros", max_batch=256,
-                 output="logit", pixel_to_input=None, blur_sigma=4.0, seed=0):
+                 output="logit", pixel_to_input=None, blur_sigma=4.0, seed=0, baseline_colour=None):
         if output not in OUTPUTS:
             raise UnknownKeyError(f"unknown IG output {output!r}; known: {OUTPUTS}")
         if not isinstance(baseline, str) or baseline not in BASELINES:
@@ -120,6 +126,9 @@ class IntegratedGradients:
         self.pixel_to_input = pixel_to_input
         self.blur_sigma = float(blur_sigma)
         self.seed = int(seed)
+        self.baseline_colour = None if baseline_colour is None else [float(value) for value in baseline_colour]
+        if baseline == "mean_colour" and self.baseline_colour is None:
+            raise InvalidArgumentError("the mean_colour baseline needs baseline_colour (one [0,1] value per channel)")
         alphas, weights = quadrature(method, steps)
         self._alphas = tf.constant(alphas)
         self._weights = tf.constant(weights)
@@ -130,7 +139,8 @@ class IntegratedGradients:
         """JSON-able description, hashed into the precompute store's manifest."""
         return {"steps": self.steps, "method": self.method, "baseline": self.baseline,
                 "output": self.output, "blur_sigma": self.blur_sigma if self.baseline == "blur" else None,
-                "seed": self.seed if self.baseline == "uniform" else None}
+                "seed": self.seed if self.baseline == "uniform" else None,
+                **({"colour": self.baseline_colour} if self.baseline == "mean_colour" else {})}
 
     def _target_scores(self, inputs, targets):
         logits = self.model(inputs, training=False)
@@ -164,7 +174,8 @@ class IntegratedGradients:
         if targets.shape.rank != 1 or targets.shape[0] != images.shape[0]:
             raise ShapeMismatchError(
                 f"targets must be [B] with B={images.shape[0]}, got shape {targets.shape}")
-        baselines = make_baseline(self.baseline, images, self.pixel_to_input, self.blur_sigma, self.seed)
+        baselines = make_baseline(self.baseline, images, self.pixel_to_input, self.blur_sigma, self.seed,
+                                  self.baseline_colour)
         total = int(images.shape[0]) * self.steps
         averaged = tf.zeros_like(images)
         for start in range(0, total, self.max_batch):

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from kdig_tf import attribution, data
+from kdig_tf import attribution, data, loading, models
 from kdig_tf.errors import InvalidArgumentError, KdigError, ShapeMismatchError
 from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
 
@@ -191,15 +191,33 @@ class TeacherTargets:
     """
 
     def __init__(self, teacher, preprocess=data.preprocess_teacher, steps=50, method="gausslegendre",
-                 baseline="zeros", max_batch=256, pixel_to_input=data.normalize_teacher, with_maps=True):
+                 baseline="zeros", max_batch=256, pixel_to_input=data.normalize_teacher, with_maps=True,
+                 baseline_colour=None):
         self.teacher = teacher
         self.preprocess = preprocess
         self.ig = None
         if with_maps:
             self.ig = attribution.IntegratedGradients(
                 teacher, steps=steps, method=method, baseline=baseline, max_batch=max_batch,
-                pixel_to_input=pixel_to_input)
+                pixel_to_input=pixel_to_input, baseline_colour=baseline_colour)
         self._logits = tf.function(lambda x: teacher(x, training=False), reduce_retracing=True)
+
+    @classmethod
+    def for_model(cls, teacher, baseline="zeros", baseline_colour=None, **kwargs):
+        """Targets of any classifier taking pixels (see ``kdig_tf.models``).
+
+        IG runs on the network behind the teacher's ImageNormalization layer, so ``zeros``
+        is zero in its normalised input space, as the paper's teacher had it (for the CIFAR
+        teacher, exactly the maps and logits of the bare network). For ``mean_colour`` the
+        colour defaults to the normalisation's mean.
+        """
+        core, spec = models.split_preprocessing(loading.as_pixel_model(teacher))
+        if baseline == "mean_colour" and baseline_colour is None:
+            if spec.mean is None:
+                raise InvalidArgumentError(f"{teacher.name} holds no normalisation mean: give baseline_colour")
+            baseline_colour = spec.mean
+        return cls(core, preprocess=spec.from_pixels, pixel_to_input=spec.from_unit, baseline=baseline,
+                   baseline_colour=baseline_colour, **kwargs)
 
     @property
     def with_maps(self):

@@ -88,8 +88,18 @@ def test_every_baseline_is_complete(baseline):
     model = _closed_form_model("sine")
     result = attribution.integrated_gradients(
         model, _images(), [0, 1, 0], steps=50, baseline=baseline,
-        pixel_to_input=lambda pixels: (pixels - 0.5) / 0.25, blur_sigma=1.0)
+        pixel_to_input=lambda pixels: (pixels - 0.5) / 0.25, blur_sigma=1.0,
+        baseline_colour=(0.25, 0.5, 0.75) if baseline == "mean_colour" else None)
     assert np.abs(result.delta.numpy()).max() < 1e-3
+
+
+def test_mean_colour_baseline_is_the_colour_in_input_space():
+    images = tf.ones((1, 2, 2, 3))
+    baseline = attribution.make_baseline("mean_colour", images, pixel_to_input=lambda p: (p - 0.5) / 0.25,
+                                         colour=(0.5, 0.75, 1.0))
+    np.testing.assert_allclose(baseline.numpy()[0, 0, 0], [0.0, 1.0, 2.0])
+    with pytest.raises(InvalidArgumentError):
+        attribution.IntegratedGradients(lambda x: x, baseline="mean_colour")
 
 
 def test_black_baseline_maps_through_preprocessing():

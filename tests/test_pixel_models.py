@@ -122,3 +122,32 @@ def test_any_other_classifier_loads_unchanged_also_from_a_saved_model_dir(tmp_pa
     images = _pixels(size=8).astype(np.float32)
     assert np.allclose(loading.load_pixel_model(str(tmp_path / "saved_model_dir"))(images).numpy(),
                        model(images).numpy())
+
+
+def test_store_targets_of_a_wrapped_teacher_equal_those_of_the_bare_network():
+    from kdig_tf import records
+
+    core = models.build_teacher(width_multiplier=0.25)
+    teacher = models.with_preprocessing(core, models.CIFAR10_TEACHER_INPUT)
+    assert records.weights_fingerprint(teacher) == records.weights_fingerprint(core)
+    images, labels = _pixels(2), np.array([1, 7])
+    old_logits, old_maps = records.TeacherTargets(core, steps=3)(images, labels)
+    for model in (teacher, core):  # the bare legacy network is recognised and wrapped too
+        logits, maps = records.TeacherTargets.for_model(model, steps=3)(images, labels)
+        assert np.array_equal(logits, old_logits) and np.array_equal(maps, old_maps)
+    # The paper's baseline, stated explicitly, is the same baseline for this teacher.
+    _, colour_maps = records.TeacherTargets.for_model(teacher, steps=3, baseline="mean_colour")(images, labels)
+    assert np.allclose(colour_maps, old_maps, rtol=1e-5, atol=1e-7)
+
+
+def test_mean_colour_baseline_of_a_pixel_teacher_needs_a_colour():
+    from kdig_tf import records
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Rescaling(1 / 255.0), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    with pytest.raises(InvalidArgumentError, match="baseline_colour"):
+        records.TeacherTargets.for_model(model, steps=2, baseline="mean_colour")
+    targets = records.TeacherTargets.for_model(model, steps=2, baseline="mean_colour", baseline_colour=(0.5, 0.5, 0.5))
+    logits, maps = targets(_pixels(2, size=8), np.array([0, 1]))
+    assert logits.shape == (2, 2) and maps.shape == (2, 8, 8) and np.all(np.isfinite(maps))
+    assert targets.settings()["colour"] == [0.5, 0.5, 0.5]
