@@ -6,8 +6,8 @@ state-dict prefixes with dots replaced by underscores, so ``features.3.conv.1.0`
 
 ``build_teacher``/``build_student`` return the bare networks ("cores"): the teacher expects
 CIFAR mean/std normalised images, a student [0, 1] images. A *pixel model* takes float
-pixels in [0, 255] and holds its scaling and normalisation as a leading
-``ImageNormalization`` layer, so it can be saved, exported and deployed without knowing
+pixels in [0, 255] and holds its scaling and normalisation as leading stock Keras layers
+(``preprocessing_layers``), so it can be saved, exported and deployed without knowing
 how it was trained: ``with_preprocessing`` wraps a core into one, ``split_preprocessing``
 takes one apart again. kdig_tf's input pipelines produce [0, 1] images, and
 ``InputSpec.from_unit`` maps them to a core's input exactly as before the wrapping existed,
@@ -19,6 +19,7 @@ import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 import dataclasses
 import os
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -243,38 +244,25 @@ def feature_layer_name(module_index, model=None):
 
 # --------------------------------------------------------------------------- pixel models
 
-@keras.utils.register_keras_serializable(package="kdig_tf")
-class ImageNormalization(keras.layers.Layer):
-    """Float pixels in [0, pixel_range] -> x / pixel_range, then (x - mean) / std per channel.
+# Names of the leading layers that make a network a pixel model. They are stock Keras
+# Normalization layers, so a saved pixel model loads in plain tf-keras without kdig_tf.
+PIXEL_SCALING_LAYER = "pixel_scaling"
+PIXEL_NORMALIZATION_LAYER = "pixel_normalization"
 
-    The same operations, in the same order, as the [0, 1] scaling and normalisation the
-    networks were trained with, so a wrapped network gives bit-identical outputs.
+
+def preprocessing_layers(spec):
+    """The stock layers that turn float pixels into a core's input, for a unit/normalized spec.
+
+    x / 255 is written as Normalization(mean 0, variance 255^2) and (x - mean) / std as
+    Normalization(mean, std^2): the same float operations, in the same order, as the [0, 1]
+    scaling and normalisation the cores were trained with, so wrapping changes no output
+    (for the CIFAR statistics sqrt(std^2) rounds back to std exactly; tests check it).
     """
-
-    def __init__(self, mean=None, std=None, pixel_range=PIXEL_RANGE, **kwargs):
-        super().__init__(**kwargs)
-        if (mean is None) != (std is None):
-            raise InvalidArgumentError("give both mean and std, or neither")
-        if std is not None and min(float(value) for value in std) <= 0:
-            raise InvalidArgumentError(f"std must be > 0, got {std}")
-        if not float(pixel_range) > 0:
-            raise InvalidArgumentError(f"pixel_range must be > 0, got {pixel_range}")
-        self.mean = None if mean is None else tuple(float(value) for value in mean)
-        self.std = None if std is None else tuple(float(value) for value in std)
-        self.pixel_range = float(pixel_range)
-
-    def build(self, input_shape):
-        channels = input_shape[-1]
-        if self.mean is not None and channels is not None and len(self.mean) != channels:
-            raise ShapeMismatchError(f"mean/std have {len(self.mean)} values for {channels} channels")
-        super().build(input_shape)
-
-    def call(self, inputs):
-        unit = tf.cast(inputs, tf.float32) / self.pixel_range
-        return unit if self.mean is None else normalize(unit, self.mean, self.std)
-
-    def get_config(self):
-        return dict(super().get_config(), mean=self.mean, std=self.std, pixel_range=self.pixel_range)
+    layers = [keras.layers.Normalization(mean=0.0, variance=PIXEL_RANGE ** 2, name=PIXEL_SCALING_LAYER)]
+    if spec.space == "normalized":
+        layers.append(keras.layers.Normalization(mean=list(spec.mean), variance=[value ** 2 for value in spec.std],
+                                                 name=PIXEL_NORMALIZATION_LAYER))
+    return layers
 
 
 def normalize(images_unit, mean, std):
@@ -326,33 +314,44 @@ PIXEL_INPUT = InputSpec("pixels")
 
 
 def with_preprocessing(core, spec, name=None):
-    """A pixel model: float pixels -> ImageNormalization(spec) -> ``core`` (weights shared)."""
+    """A pixel model: float pixels -> preprocessing_layers(spec) -> ``core`` (weights shared)."""
     if spec.space == "pixels":
         return core
-    shape = tuple(core.input_shape[1:])
-    inputs = keras.Input(shape=shape, name="pixels")
-    normalized = ImageNormalization(spec.mean, spec.std, name="image_normalization")(inputs)
-    return keras.Model(inputs, core(normalized), name=name or core.name)
+    inputs = keras.Input(shape=tuple(core.input_shape[1:]), name="pixels")
+    x = inputs
+    for layer in preprocessing_layers(spec):
+        x = layer(x)
+    return keras.Model(inputs, core(x), name=name or core.name)
+
+
+def _normalization_statistics(layer):
+    config = layer.get_config()
+    mean = np.ravel(np.asarray(config.get("mean"), np.float64))
+    variance = np.ravel(np.asarray(config.get("variance"), np.float64))
+    return mean, variance
 
 
 def split_preprocessing(model):
-    """(core, InputSpec) of a model: its network without a leading ImageNormalization layer.
+    """(core, InputSpec) of a model: its network without the leading pixel preprocessing layers.
 
-    A model without one is its own core and takes pixels.
+    A model that does not start with them is its own core and takes pixels.
     """
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
-    if not layers or not isinstance(layers[0], ImageNormalization):
+    if not layers or layers[0].name != PIXEL_SCALING_LAYER or not isinstance(layers[0], keras.layers.Normalization):
         return model, PIXEL_INPUT
-    normalization = layers[0]
-    if normalization.mean is None:
-        spec = UNIT_INPUT
-    else:
-        spec = InputSpec("normalized", normalization.mean, normalization.std)
-    if normalization.pixel_range != PIXEL_RANGE:
-        raise InvalidArgumentError(f"{model.name}: pixel_range {normalization.pixel_range} is not {PIXEL_RANGE}")
-    if len(layers) == 2 and isinstance(layers[1], keras.Model):  # with_preprocessing's nesting
-        return layers[1], spec
-    return keras.Model(normalization.output, model.outputs, name=f"{model.name}_core"), spec
+    mean, variance = _normalization_statistics(layers[0])
+    if np.any(mean != 0.0) or np.any(variance != PIXEL_RANGE ** 2):
+        raise InvalidArgumentError(f"{model.name}: layer {PIXEL_SCALING_LAYER} does not divide by {PIXEL_RANGE}")
+    spec, last = UNIT_INPUT, layers[0]
+    if len(layers) > 1 and layers[1].name == PIXEL_NORMALIZATION_LAYER:
+        mean, variance = _normalization_statistics(layers[1])
+        spec = InputSpec("normalized", tuple(float(value) for value in mean),
+                         tuple(float(value) for value in np.sqrt(variance)))
+        last = layers[1]
+    rest = layers[layers.index(last) + 1:]
+    if len(rest) == 1 and isinstance(rest[0], keras.Model):  # with_preprocessing's nesting
+        return rest[0], spec
+    return keras.Model(last.output, model.outputs, name=f"{model.name}_core"), spec
 
 
 def build_pixel_teacher(**kwargs):

@@ -206,7 +206,7 @@ class TeacherTargets:
     def for_model(cls, teacher, baseline="zeros", baseline_colour=None, **kwargs):
         """Targets of any classifier taking pixels (see ``kdig_tf.models``).
 
-        IG runs on the network behind the teacher's ImageNormalization layer, so ``zeros``
+        IG runs on the network behind the teacher's preprocessing layers, so ``zeros``
         is zero in its normalised input space, as the paper's teacher had it (for the CIFAR
         teacher, exactly the maps and logits of the bare network). For ``mean_colour`` the
         colour defaults to the normalisation's mean.

@@ -33,7 +33,9 @@ def test_student_core_input_from_unit_images_is_the_unit_image_itself():
 
 def test_inline_normalisation_layer_splits_into_a_core_sharing_weights():
     inputs = keras.Input((16, 16, 3))
-    x = models.ImageNormalization(name="norm")(inputs)
+    x = inputs
+    for layer in models.preprocessing_layers(models.UNIT_INPUT):
+        x = layer(x)
     x = keras.layers.Conv2D(4, 3, name="conv")(x)
     outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
     model = keras.Model(inputs, outputs)
@@ -41,7 +43,7 @@ def test_inline_normalisation_layer_splits_into_a_core_sharing_weights():
     assert spec == models.UNIT_INPUT
     assert core.get_layer("conv") is model.get_layer("conv")
     images = _pixels(size=16).astype(np.float32)
-    assert np.allclose(core(images / 255.0).numpy(), model(images).numpy(), atol=1e-6)
+    assert np.array_equal(core(images / 255.0).numpy(), model(images).numpy())
 
 
 def test_a_model_without_the_layer_is_its_own_pixel_core():
@@ -62,11 +64,35 @@ def test_pixel_models_round_trip_through_keras_files(tmp_path, suffix):
     assert models.split_preprocessing(loaded)[1] == models.UNIT_INPUT
 
 
-def test_normalisation_layer_refuses_bad_statistics():
+def test_bad_statistics_are_refused():
     with pytest.raises(InvalidArgumentError):
-        models.ImageNormalization(mean=(0.5, 0.5, 0.5))
+        models.InputSpec("normalized", mean=(0.5,) * 3)
     with pytest.raises(InvalidArgumentError):
-        models.ImageNormalization(mean=(0.5,) * 3, std=(0.0, 1.0, 1.0))
+        models.InputSpec("unit", mean=(0.5,) * 3, std=(0.2,) * 3)
+    inputs = keras.Input((8, 8, 3))
+    scaled = keras.layers.Normalization(mean=0.0, variance=1.0, name=models.PIXEL_SCALING_LAYER)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(scaled)))
+    with pytest.raises(InvalidArgumentError, match="does not divide"):
+        models.split_preprocessing(model)
+
+
+def test_saved_pixel_student_loads_without_kdig_tf(tmp_path):
+    import subprocess
+    import sys
+
+    student = models.build_pixel_student(keep_blocks=2, num_classes=5)
+    path = str(tmp_path / "student.h5")
+    student.save(path)
+    images = _pixels().astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    np.save(tmp_path / "expected.npy", student.predict(images, verbose=0))
+    script = (f"import os, sys\nos.environ['TF_USE_LEGACY_KERAS'] = '1'\nimport numpy as np, tf_keras as keras\n"
+              f"model = keras.models.load_model({path!r}, compile=False)\n"
+              f"assert 'kdig_tf' not in sys.modules\n"
+              f"diff = np.abs(model.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0) - "
+              f"np.load({str(tmp_path / 'expected.npy')!r})).max()\nassert diff == 0.0, diff\nprint('ok')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_student_spec_parses_and_builds_the_papers_student():
