@@ -1,0 +1,85 @@
+"""The same flags and seed train the identical student as the code before models carried their
+own preprocessing (commit LEGACY_COMMIT), weight for weight, on mock data.
+
+The legacy package is taken from git history into a temporary folder and run in a subprocess;
+the current one runs in another. Both train tiny students with every kind of teacher signal
+(none, cached logits with the IG overlay, the teacher online, attention transfer).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The last commit whose Distiller took (student, teacher) and whose students took [0, 1] inputs.
+LEGACY_COMMIT = "2ff1470"
+METHODS = ("student", "kd_ig", "kd_online", "kd_at")
+
+TRAIN = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np
+    import tensorflow_datasets as tfds
+    import tf_keras as keras
+    from kdig_tf import models, pipeline
+
+    out, methods = sys.argv[1], sys.argv[2].split(",")
+    keras.utils.set_random_seed(0)
+    teacher_path = os.path.join(out, "teacher.h5")
+    if not os.path.exists(teacher_path):
+        models.build_teacher(width_multiplier=0.25).save(teacher_path)
+    weights = {}
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        for method in methods:
+            config = pipeline.DistillConfig(
+                method=method, teacher=teacher_path, train_split="train", val_split="train", epochs=2,
+                batch_size=4, keep_blocks=4, ig_steps=2, examples_per_shard=5, export_modes="", verbose=0,
+                seed=3, p=0.5, at_teacher_layer="features_3_add", at_student_layer="features_3_add",
+                store_dir=os.path.join(out, "store"))
+            workdir = os.path.join(out, method)
+            pipeline.run_distillation(config, workdir, progress=False)
+            model = keras.models.load_model(os.path.join(workdir, "student.h5"), compile=False)
+            weights[method] = [w.tolist() for w in model.get_weights()]
+    with open(os.path.join(out, "weights.json"), "w") as handle:
+        json.dump(weights, handle)
+""")
+
+
+def _train(package_parent, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=package_parent)
+    result = subprocess.run([sys.executable, "-c", TRAIN, str(out_dir), ",".join(METHODS)], capture_output=True,
+                            text=True, env=env, cwd=str(out_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out_dir, "weights.json")) as handle:
+        return json.load(handle)
+
+
+def _legacy_package(tmp_path):
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("needs a git checkout with history")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    archive = subprocess.run(["git", "-C", ROOT, "archive", LEGACY_COMMIT, "kdig_tf"], capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {LEGACY_COMMIT} is not in this clone's history")
+    subprocess.run(["tar", "-x", "-C", str(legacy)], input=archive.stdout, check=True)
+    return str(legacy)
+
+
+def test_current_code_trains_the_legacy_student_weight_for_weight(tmp_path):
+    legacy = _train(_legacy_package(tmp_path), tmp_path / "legacy_runs")
+    # The same teacher file for both sides: copy it before the current code builds its own.
+    (tmp_path / "current_runs").mkdir()
+    shutil.copy(tmp_path / "legacy_runs" / "teacher.h5", tmp_path / "current_runs" / "teacher.h5")
+    current = _train(ROOT, tmp_path / "current_runs")
+    for method in METHODS:
+        old, new = legacy[method], current[method]
+        assert len(old) == len(new), method
+        for index, (a, b) in enumerate(zip(old, new)):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), f"{method}: weight {index} differs"
