@@ -1,23 +1,42 @@
-"""tfds loading, the two preprocessing paths, and training augmentation.
+"""Dataset loading, the two preprocessing paths, and training augmentation.
 
-Every example is ``(image uint8 [H,W,C], label int64, example_id string)``. The id is
-tfds' ``id`` feature when the dataset has one (CIFAR-10: ``train_00000``...), else a
-stable ``<split>_<index>`` built from the unshuffled read order. All cached values in
-kdig_tf are keyed by this id, never by position.
+Every example is ``(image uint8 [H,W,C], label int64, example_id string)``. Two sources:
+
+* a tfds name (``cifar10``...). The id is tfds' ``id`` feature when the dataset has one
+  (CIFAR-10: ``train_00000``...), else a stable ``<split>_<index>`` built from the
+  unshuffled read order. ``info`` is tfds' ``DatasetInfo``.
+* ``folder:PATH``: one subfolder per class (class names are the sorted folder names, the
+  label is the index in that list) holding png/jpg/jpeg/bmp/gif files. The id is the
+  file's path relative to PATH (``cat/0001.png``) and the order is the sorted ids. If every
+  subfolder of PATH holds only class folders (``train/cat/...``, ``test/cat/...``), those
+  subfolders are the splits and must hold the same classes; otherwise the single split is
+  ``train``. Splits slice as in tfds (``train[:80%]``, ``train[45000:]``). Images are always
+  decoded to 3 channels (grayscale is repeated, alpha dropped) and must share one size
+  unless ``image_size`` is given. ``info`` is a :class:`FolderInfo`.
+
+All cached values in kdig_tf are keyed by the id, never by position. ``num_classes``,
+``class_names`` and ``image_shape`` read either kind of ``info``.
 """
 import kdig_tf  # noqa: F401
 
+import dataclasses
 import os
+import re
+import types
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kdig_tf.errors import UnknownDatasetError, UnknownSplitError
+from kdig_tf.errors import (InvalidArgumentError, ShapeMismatchError, UnknownDatasetError, UnknownSplitError,
+                            UnreadableImageError)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 DEFAULT_DATASET = "cifar10"
 AUTOTUNE = tf.data.AUTOTUNE
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 
 
 def default_data_dir(data_dir=None):
@@ -32,20 +51,33 @@ def _translate_tfds_error(err, name, split, data_dir):
     if isinstance(err, AssertionError) and "could not find data" in text:
         return UnknownDatasetError(
             f"dataset {name!r} is not prepared in {default_data_dir(data_dir)!r}; pass data_dir, "
-            "set TFDS_DATA_DIR, or allow download=True")
+            "set TFDS_DATA_DIR, or allow the download (download=True, --download)")
     if isinstance(err, (ValueError, KeyError)) and ("split" in text.lower() or "slice" in text.lower()):
         return UnknownSplitError(f"bad split {split!r} for {name}: {text}")
     return None
 
 
-def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shuffle_files=False):
-    """Return (dataset of (image, label, example_id), DatasetInfo).
+def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shuffle_files=False,
+         image_size=None):
+    """Return (dataset of (image, label, example_id), info).
 
-    ``download`` is explicit and False by default: an offline ``tfds.load`` that tries to
-    download hangs for minutes. Order is deterministic (files are not shuffled).
+    ``name`` is a tfds name or ``folder:PATH`` (see the module docstring). ``image_size``
+    (an int or ``(height, width)``) resizes every image (bilinear with antialiasing, rounded
+    back to uint8); without it images are returned exactly as stored. Order is deterministic
+    (files are not shuffled unless ``shuffle_files``, which folders ignore).
+
+    ``download`` only matters for tfds names and is False by default: a dataset already
+    prepared in ``data_dir`` is always read without touching the network (an offline
+    ``tfds.load`` that tries to download hangs for minutes); an unprepared one is downloaded
+    and prepared only when ``download`` is True, else UnknownDatasetError is raised.
     """
+    size = _image_size(image_size)
+    if is_folder_dataset(name):
+        return _load_folder(name, split, size)
+    if download:
+        _prepare_tfds(name, data_dir)
     try:
-        ds, info = tfds.load(name, download=download, split=split, data_dir=default_data_dir(data_dir),
+        ds, info = tfds.load(name, download=False, split=split, data_dir=default_data_dir(data_dir),
                              shuffle_files=shuffle_files, with_info=True)
     except (AssertionError, ValueError, KeyError) as err:
         named = _translate_tfds_error(err, name, split, data_dir)
@@ -66,7 +98,235 @@ def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shu
             ),
             num_parallel_calls=AUTOTUNE, deterministic=True,
         )
+    if size is not None and tuple(ds.element_spec[0].shape[:2]) != size:
+        ds = ds.map(lambda image, label, example_id: (resize_image(image, size), label, example_id),
+                    num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds, info
+
+
+def _prepare_tfds(name, data_dir):
+    """Download and prepare ``name`` unless it is already prepared (checked offline)."""
+    try:
+        builder = tfds.builder(name, data_dir=default_data_dir(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as err:
+        raise UnknownDatasetError(f"unknown tfds dataset {name!r}") from err
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+
+
+def is_folder_dataset(name):
+    return str(name).startswith(FOLDER_PREFIX)
+
+
+def _image_size(image_size):
+    """None, an int or (height, width) -> None or a (height, width) tuple of positive ints."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (str, bytes, bool, float)):
+        raise InvalidArgumentError(f"image_size must be an int or (height, width), got {image_size!r}")
+    if isinstance(image_size, (int, np.integer)):
+        size = (int(image_size), int(image_size))
+    else:
+        try:
+            values = list(image_size)
+            size = tuple(int(v) for v in values)
+        except (TypeError, ValueError) as err:
+            raise InvalidArgumentError(f"image_size must be an int or (height, width), got {image_size!r}") from err
+        if len(size) != 2 or any(isinstance(v, (bool, float)) for v in values):
+            raise InvalidArgumentError(f"image_size must be an int or (height, width), got {image_size!r}")
+    if min(size) < 1:
+        raise InvalidArgumentError(f"image_size must be positive, got {image_size!r}")
+    return size
+
+
+def resize_image(image, size):
+    """uint8 [H,W,C] -> uint8 [height,width,C]: bilinear with antialiasing, rounded."""
+    resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderInfo:
+    """What :func:`load` knows about a ``folder:`` split (tfds' ``DatasetInfo`` for the other kind)."""
+
+    name: str  # as passed to load, "folder:PATH"
+    root: str  # absolute PATH
+    split: str  # as passed to load, e.g. "train[:80%]"
+    class_names: tuple  # sorted class folder names; a label is an index in it
+    image_shape: tuple  # (height, width, 3), after image_size
+    num_examples: int  # in this (sliced) split
+    splits: tuple  # the split names PATH offers
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
+def _visible_entries(path):
+    try:
+        return sorted((e for e in os.scandir(path) if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as err:
+        raise UnknownDatasetError(f"cannot list {path}: {err}") from err
+
+
+def _subfolders(path):
+    return [e.name for e in _visible_entries(path) if e.is_dir()]
+
+
+def _image_files(path):
+    return [e.name for e in _visible_entries(path)
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+
+
+def _folder_splits(root):
+    """{split name: folder relative to root ('' for the root itself)} and the sorted class names."""
+    if not os.path.isdir(root):
+        raise UnknownDatasetError(f"folder dataset root {root} does not exist or is not a directory")
+    top = _subfolders(root)
+    if not top:
+        raise UnknownDatasetError(f"{root} has no class folders: expected one subfolder per class holding "
+                                  f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images")
+    inner = {folder: _subfolders(os.path.join(root, folder)) for folder in top}
+    # Split folders hold only class folders; a class folder holds images.
+    if all(inner[folder] and not _image_files(os.path.join(root, folder)) for folder in top):
+        classes = inner[top[0]]
+        for folder in top[1:]:
+            if inner[folder] != classes:
+                missing = sorted(set(classes) ^ set(inner[folder]))
+                raise UnknownDatasetError(
+                    f"splits {top[0]!r} and {folder!r} of {root} hold different class folders ({missing}); "
+                    "every split must hold the same classes so that labels agree")
+        return {folder: folder for folder in top}, classes
+    return {"train": ""}, top
+
+
+def _split_files(root, split_folder, classes):
+    """Sorted [(id, label)] of one split; an empty class folder is an error."""
+    files = []
+    for label, class_name in enumerate(classes):
+        rel_folder = f"{split_folder}/{class_name}" if split_folder else class_name
+        names = _image_files(os.path.join(root, rel_folder))
+        if not names:
+            raise UnknownDatasetError(
+                f"class folder {os.path.join(root, rel_folder)} holds no "
+                f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images")
+        files.extend((f"{rel_folder}/{file}", label) for file in names)
+    return sorted(files)
+
+
+def _select(split, files_per_split, name):
+    """tfds split syntax (``train[:80%]``, ``train[100:200]``, ``train+test``) on sorted files."""
+    lengths = {s: types.SimpleNamespace(num_examples=len(f), shard_lengths=[len(f)])
+               for s, f in files_per_split.items()}
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(lengths)
+    except (ValueError, NotImplementedError, AssertionError) as err:
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UnknownSplitError(f"bad split {split!r} for {name} (splits: {sorted(files_per_split)}): {text}") from err
+    selected = []
+    for instruction in instructions:
+        selected.extend(files_per_split[instruction.splitname][instruction.from_:instruction.to])
+    if not selected:
+        raise UnknownSplitError(f"split {split!r} of {name} selects no images")
+    return selected
+
+
+def _load_folder(name, split, size):
+    path = os.path.expanduser(name[len(FOLDER_PREFIX):])
+    if not path:
+        raise UnknownDatasetError(f"{name!r}: expected folder:PATH")
+    root = os.path.abspath(path)
+    split_folders, classes = _folder_splits(root)
+    files_per_split = {s: _split_files(root, folder, classes) for s, folder in split_folders.items()}
+    selected = _select(str(split), files_per_split, name)
+    ids = [example_id for example_id, _ in selected]
+    paths = [os.path.join(root, *example_id.split("/")) for example_id in ids]
+    sizes = _checked_sizes(paths)
+    if size is None:
+        for file, found in zip(paths, sizes):
+            if found != sizes[0]:
+                raise ShapeMismatchError(
+                    f"{file} is {found[0]}x{found[1]} but {paths[0]} is {sizes[0][0]}x{sizes[0][1]}: images of a "
+                    "split must share one size, or pass image_size")
+        shape = (*sizes[0], 3)
+    else:
+        shape = (*size, 3)
+    resize = size is not None and any(found != size for found in sizes)
+
+    def decode(file, label, example_id):
+        image = _decode_file(file)
+        image = resize_image(image, size) if resize else tf.ensure_shape(image, shape)
+        return image, label, example_id
+
+    labels = np.array([label for _, label in selected], np.int64)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, ids))
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+    info = FolderInfo(name=name, root=root, split=str(split), class_names=tuple(classes), image_shape=shape,
+                      num_examples=len(ids), splits=tuple(sorted(files_per_split)))
+    return ds, info
+
+
+def _decode_file(path):
+    """The one decoder used both to check files and to read them: first frame, 3 channels, uint8."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, dtype=tf.uint8, expand_animations=False)
+
+
+# (path, mtime_ns, size) -> (height, width): a split loaded again in the same process is not decoded again.
+_CHECKED_SIZES = {}
+
+
+def _checked_sizes(paths):
+    """Decode every file once, now, so a bad file is named at load time rather than failing mid-epoch."""
+    keys = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise UnreadableImageError(f"cannot read {path}: {err}") from err
+        keys.append((path, stat.st_mtime_ns, stat.st_size))
+    pending = [key for key in keys if key not in _CHECKED_SIZES]
+    todo = [key[0] for key in pending]
+    for path in todo:
+        if path.lower().endswith(".bmp"):
+            _refuse_misread_bmp(path)
+    found = []
+    if todo:
+        shapes = (tf.data.Dataset.from_tensor_slices(todo)
+                  .map(lambda file: tf.shape(_decode_file(file))[:2], num_parallel_calls=AUTOTUNE,
+                       deterministic=True)
+                  .batch(256))
+        try:
+            for batch in shapes:
+                found.extend(tuple(int(v) for v in row) for row in batch.numpy())
+        except tf.errors.OpError:
+            # The failing file is in the batch after the last complete one.
+            _raise_first_unreadable(todo[len(found):])
+            raise
+    _CHECKED_SIZES.update(zip(pending, found))
+    return [_CHECKED_SIZES[key] for key in keys]
+
+
+def _raise_first_unreadable(paths):
+    for path in paths:
+        try:
+            _decode_file(path)
+        except tf.errors.OpError as err:
+            # Keep the decoder's sentence, not TF's "{{function_node ...}}" and "[Op:...]" wrapping.
+            message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", err.message.splitlines()[0] if err.message else "").strip()
+            raise UnreadableImageError(f"cannot decode {path} as an image: {message}") from err
+
+
+def _refuse_misread_bmp(path):
+    """TF decodes palette BMPs as raw indices (wrong colours, no error) and fails on 1-bit ones."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.format == "BMP" and image.mode not in ("RGB", "RGBA", "L"):
+                raise UnreadableImageError(f"{path} is a {image.mode!r} (palette or 1-bit) BMP, which TensorFlow "
+                                           "decodes wrongly; convert it to PNG")
+    except (OSError, UnidentifiedImageError) as err:
+        raise UnreadableImageError(f"cannot read {path} as an image: {err}") from err
 
 
 def count_examples(ds):
@@ -85,11 +345,28 @@ def _image_key(info):
 
 
 def num_classes(info):
+    if isinstance(info, FolderInfo):
+        return info.num_classes
     return int(info.features["label"].num_classes)
 
 
 def class_names(info):
+    if isinstance(info, FolderInfo):
+        return list(info.class_names)
     return list(info.features["label"].names)
+
+
+def image_shape(info, image_size=None):
+    """(height, width, channels) of the images ``load`` yields; pass the ``image_size`` given to it.
+
+    A tfds dataset of variable-size images has ``None`` height and width unless resized.
+    """
+    if isinstance(info, FolderInfo):
+        shape = tuple(info.image_shape)
+    else:
+        shape = tuple(info.features[_image_key(info)].shape)
+    size = _image_size(image_size)
+    return shape if size is None else (*size, shape[-1])
 
 
 def to_unit_range(image):

@@ -54,3 +54,7 @@ class TestSplitSelectionError(KdigError):
 
 class StaleRunError(KdigError):
     """A run directory holds a run (finished or partial) made with other settings than asked for now."""
+
+
+class UnreadableImageError(KdigError):
+    """An image file cannot be read or decoded (missing, corrupt, truncated, or a format TF misreads)."""
