@@ -5,7 +5,10 @@
 student with the chosen method, evaluates it, exports TFLite, and writes
 ``results.json`` **last**: a workdir without it is an unfinished run. A killed run
 resumes at its last finished epoch; a run killed after training only redoes the
-evaluation and export. ``run_config.json`` records the settings a workdir was started
+evaluation and export. With ``qat_epochs`` or ``prune_sparsity`` the trained student is
+then fine-tuned, still with the KD loss, into a quantisation-aware and a pruned copy, each
+exported and kept, so a rerun does not redo a finished one. Every ``.tflite`` is scored with
+LiteRT on the whole validation split. ``run_config.json`` records the settings a workdir was started
 with, and a later call with other training settings is refused (``StaleRunError``), so
 a backup is never resumed under different flags.
 """
@@ -21,7 +24,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from kdig_tf import data, distiller, loading, models, overlay, records
-from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError, UnknownKeyError
+from kdig_tf.errors import InvalidArgumentError, KdigError, NotAModelError, StaleRunError, UnknownKeyError
 from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
@@ -49,7 +52,13 @@ BACKUP = "backup"
 # Settings that do not change what is trained: a run may be continued or re-exported with other values.
 NON_TRAINING_FIELDS = ("verbose", "data_dir", "store_dir", "eval_split", "export_modes", "ig_max_batch")
 # Training settings added after runs were recorded, with the value those runs had.
-FIELDS_ADDED_LATER = {"stem_stride": 1}
+FIELDS_ADDED_LATER = {"stem_stride": 1, "qat_epochs": 0, "qat_learning_rate": 1e-4, "prune_sparsity": 0.0,
+                      "prune_epochs": 1, "prune_learning_rate": 1e-4}
+# Outputs of the fine-tuning stages that follow the main training.
+QAT_WEIGHTS = "student_qat.weights.h5"
+QAT_TFLITE = "student_qat_int8.tflite"
+PRUNED_STUDENT = "student_pruned.h5"
+PRUNED_TFLITE = "student_pruned_{mode}.tflite"
 TEACHER_HELP = ("train one with `python scripts/train_teacher.py --data_dir=<tfds dir>` (hours on a CPU), or "
                 "pass --teacher=<.h5 | .keras | .pt>; the reference teacher lives in pretrained/teacher.h5")
 
@@ -99,6 +108,11 @@ class DistillConfig:
     map_encoding: str = "float16"
     examples_per_shard: int = 2500
     export_modes: str = "fp32"
+    qat_epochs: int = 0
+    qat_learning_rate: float = 1e-4
+    prune_sparsity: float = 0.0
+    prune_epochs: int = 1
+    prune_learning_rate: float = 1e-4
     verbose: int = 1
 
     def validate(self):
@@ -132,6 +146,15 @@ class DistillConfig:
                                        f"with method {self.method!r}")
         if self.ig_steps < 1:
             raise InvalidArgumentError(f"ig_steps must be >= 1, got {self.ig_steps}")
+        if self.qat_epochs < 0 or self.prune_epochs < 0:
+            raise InvalidArgumentError(f"qat_epochs and prune_epochs must be >= 0, got {self.qat_epochs} "
+                                       f"and {self.prune_epochs}")
+        if not 0.0 <= self.prune_sparsity < 1.0:
+            raise InvalidArgumentError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity}")
+        if self.prune_sparsity > 0 and self.prune_epochs < 1:
+            raise InvalidArgumentError("prune_sparsity > 0 needs prune_epochs >= 1 (pruning happens while training)")
+        if not (self.qat_learning_rate > 0 and self.prune_learning_rate > 0):
+            raise InvalidArgumentError("qat_learning_rate and prune_learning_rate must be positive")
         for mode in self.modes():
             from kdig_tf import export
             if mode not in export.CONVERSION_MODES:
@@ -368,6 +391,8 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     finished = _finished_results(workdir, config)
     if finished is not None:
         return _reexport_if_missing(finished, config, workdir)
+    if config.qat_epochs > 0:
+        check_qat_supported(config)  # before the seed is set below, so training draws the same numbers
     keras.utils.set_random_seed(config.seed)
     alpha, p, gamma = config.effective()
     _, info = data.load(config.dataset, config.val_split, config.data_dir)  # fail early on bad data
@@ -466,7 +491,12 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         results["eval_accuracy"], results["num_eval"] = evaluate_student(
             student, config.dataset, config.eval_split, config.data_dir)
         results["eval_split"] = config.eval_split
-    results["tflite"] = _export(student, config, workdir, val_raw, info)
+    val = validation_arrays(val_raw, config.val_split)
+    results["tflite"] = _export(student, config, workdir, val_raw, info, val=val)
+    source = TrainingSource(config, teacher, store, raw_train, keep, steps_per_epoch, progress)
+    exports, stages = _compression_stages(student, config, workdir, val, info, source)
+    results["tflite"].update(exports)
+    results.update(stages)
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 
@@ -474,39 +504,244 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
 def _reexport_if_missing(results, config, workdir):
     """A finished run's results, after remaking any .tflite export that is not on disk.
 
-    Exports are derived from student.h5 and not kept by git, so a fresh checkout of a
-    finished run lacks them; remaking them needs neither the teacher nor the store.
+    Exports are derived from student.h5 (and the kept fine-tuned models) and not kept by
+    git, so a fresh checkout of a finished run lacks them; remaking them needs neither the
+    teacher nor the store.
     """
-    if all(os.path.isfile(os.path.join(workdir, f"student_{mode}.tflite")) for mode in config.modes()):
+    plain = [f"student_{mode}.tflite" for mode in config.modes()]
+    if all(os.path.isfile(os.path.join(workdir, name)) for name in plain + _stage_exports(config)):
         return results
     student_path = os.path.join(workdir, STUDENT)
     if not os.path.isfile(student_path):
         raise NotAModelError(f"{workdir} has results but no {STUDENT}: delete the workdir to retrain")
     val_raw, info = data.load(config.dataset, config.val_split, config.data_dir)
-    results = dict(results, tflite=_export(loading.load_model(student_path), config, workdir, val_raw, info))
+    val = validation_arrays(val_raw, config.val_split)
+    student = loading.load_model(student_path)
+    tflite = dict(results.get("tflite") or {})
+    if not all(os.path.isfile(os.path.join(workdir, name)) for name in plain):
+        tflite.update(_export(student, config, workdir, val_raw, info, val=val))
+    exports, stages = _compression_stages(student, config, workdir, val, info, source=None)
+    results = dict(results, tflite=dict(tflite, **exports), **stages)
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 
 
-def _export(student, config, workdir, val_raw, info, check_images=512):
-    """Convert to every requested mode and check each file against the Keras student."""
+def validation_arrays(val_raw, split, batch_size=256):
+    """The whole validation split, preprocessed for the student: {"images", "labels", "split"}."""
+    batches = val_raw.map(lambda image, label, _: (data.preprocess_student(image), label),
+                          num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    images, labels = [], []
+    for image_batch, label_batch in batches.as_numpy_iterator():
+        images.append(image_batch)
+        labels.append(label_batch)
+    if not labels:
+        raise InvalidArgumentError(f"validation split {split!r} is empty")
+    return {"images": np.concatenate(images), "labels": np.concatenate(labels), "split": split}
+
+
+def _representative(config):
+    """int8 calibration images, from the training split (exports are checked on validation ones)."""
+    from kdig_tf import export
+
+    train_raw, _ = data.load(config.dataset, config.train_split, config.data_dir)
+    return export.representative_from_split(train_raw, data.preprocess_student, n=256)
+
+
+def _export(student, config, workdir, val_raw, info, check_images=512, val=None):
+    """Convert to every requested mode, check each file against the Keras student and score it."""
     if not config.modes():
         return {}
     from kdig_tf import export
 
-    images, labels = [], []
-    for image, label, _ in val_raw.take(check_images):
-        images.append(data.preprocess_student(image).numpy())
-        labels.append(int(label))
-    images = np.stack(images)
-    representative = None
-    if "int8" in config.modes():  # calibrate on training images, check on validation ones
-        train_raw, _ = data.load(config.dataset, config.train_split, config.data_dir)
-        representative = export.representative_from_split(train_raw, data.preprocess_student, n=256)
+    val = validation_arrays(val_raw, config.val_split) if val is None else val
+    representative = _representative(config) if "int8" in config.modes() else None
     exported = {}
     for mode in config.modes():
         path = os.path.join(workdir, f"student_{mode}.tflite")
         export.convert(student, path, mode, representative_images=representative if mode == "int8" else None,
                        input_kind="unit", labels=data.class_names(info))
-        exported[mode] = {"path": os.path.abspath(path), **export.check_export(student, path, images, labels)}
+        exported[mode] = score_export(student, path, val, check_images)
     return exported
+
+
+# Written into a .tflite's sidecar once it is scored; a sidecar without them is an unfinished export.
+SCORE_FIELDS = ("val_accuracy", "val_split", "num_val", "file_bytes")
+STAGE_RECORDS = ("qat", "pruning")
+
+
+def score_export(model, path, val, check_images=512, **record):
+    """Check ``path`` against its Keras ``model`` on the first validation images, score it with
+    LiteRT on all of them, add both (and ``record``) to its sidecar; return its results entry."""
+    from kdig_tf import export
+
+    images, labels = val["images"], val["labels"]
+    check = export.check_export(model, path, images[:check_images], labels[:check_images])
+    # val_accuracy is in percent, like results["val_accuracy"].
+    export.add_to_sidecar(path, export_check=check, val_accuracy=export.evaluate_tflite(path, images, labels),
+                          val_split=val["split"], num_val=int(len(labels)), file_bytes=os.path.getsize(path),
+                          **record)
+    return scored_export(path, val["split"])
+
+
+def scored_export(path, val_split):
+    """The results entry of a .tflite already exported and scored on ``val_split``, else None."""
+    from kdig_tf import export
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        sidecar = export.load_sidecar(path)
+    except KdigError:
+        return None
+    if sidecar.get("val_split") != val_split or not all(key in sidecar for key in SCORE_FIELDS + ("export_check",)):
+        return None
+    return {"path": os.path.abspath(path), **sidecar["export_check"],
+            **{key: sidecar[key] for key in SCORE_FIELDS + STAGE_RECORDS if key in sidecar}}
+
+
+def _pruned_modes(config):
+    return ["fp32"] + [mode for mode in config.modes() if mode != "fp32"]
+
+
+def _stage_exports(config):
+    """File names of the QAT and pruned exports ``config`` asks for."""
+    names = [QAT_TFLITE] if config.qat_epochs > 0 else []
+    if config.prune_sparsity > 0:
+        names += [PRUNED_TFLITE.format(mode=mode) for mode in _pruned_modes(config)]
+    return names
+
+
+def stage_seed(seed, stage):
+    """The seed of a fine-tuning stage ("qat" or "prune"), derived from the run's seed alone."""
+    return int(np.random.SeedSequence([seed, {"qat": 1, "prune": 2}[stage]]).generate_state(1)[0] % 2**31)
+
+
+def check_qat_supported(config):
+    """Raise UnsupportedLayerError if tfmot cannot wrap this config's student for QAT."""
+    from kdig_tf import export
+
+    export.quantize_aware(models.build_student(config.keep_blocks, width_multiplier=config.width_multiplier,
+                                               stem_stride=config.stem_stride))
+
+
+class TrainingSource:
+    """The data and KD loss of the main fit, for the fine-tuning stages after it.
+
+    A stage sees the same kind of batches (store targets with the overlay, or plain
+    images) under its own seed, and the same KD loss with a constant-rate Adam. Attention
+    transfer is left out: tfmot's wrappers rename the layers it reads.
+    """
+
+    def __init__(self, config, teacher, store, raw_train, keep, steps_per_epoch, progress=True):
+        self.config, self.teacher, self.store = config, teacher, store
+        self.raw_train, self.keep = raw_train, keep
+        self.steps_per_epoch, self.progress = steps_per_epoch, progress
+
+    def dataset(self, seed, epochs):
+        """``epochs`` epochs back to back (known length, so tfmot can plan its pruning schedule)."""
+        config = self.config
+        _, p, _ = config.effective()
+        if self.store is not None:
+            ds = overlay.training_dataset(
+                self.store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
+                seed=seed, paper_mode=config.paper_overlay, cached_targets_order=config.cached_targets_order,
+                keep_indices=self.keep, epochs=epochs)
+        else:
+            # Drop the ids: the Distiller reads a third element as cached teacher logits.
+            ds = plain_training_dataset(self.raw_train, config.batch_size, seed, self.keep, epochs=epochs).map(
+                lambda inputs, labels, ids: (inputs, labels))
+        return ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch * epochs))
+
+    def fit(self, model, dataset, epochs, learning_rate, callbacks=()):
+        """Train ``model`` in place on ``dataset`` (from :meth:`dataset`) with the run's KD loss."""
+        alpha = self.config.effective()[0]
+        teacher = self.teacher if alpha > 0 and self.config.teacher_online else None  # else logits are cached
+        trainer = distiller.Distiller(model, teacher, distiller.KDLoss(alpha, self.config.temperature))
+        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
+        trainer.fit(dataset, epochs=epochs, steps_per_epoch=self.steps_per_epoch, callbacks=list(callbacks),
+                    verbose=self.config.verbose if self.progress else 0)
+        return model
+
+
+def _need_training(source, workdir, name):
+    if source is None:
+        raise NotAModelError(f"{workdir} has results but no {name}: delete the workdir to retrain")
+
+
+def _compression_stages(student, config, workdir, val, info, source=None):
+    """Run the QAT and pruning stages config asks for; return (results["tflite"] entries, results entries).
+
+    An export already scored is kept; a fine-tuned model on disk is re-exported, not
+    retrained. ``source`` is the :class:`TrainingSource`; None (a finished run) forbids training.
+    """
+    exports, stages = {}, {}
+    if config.qat_epochs > 0:
+        exports["qat_int8"] = _qat_stage(student, config, workdir, val, info, source)
+        stages["qat"] = exports["qat_int8"]["qat"]
+    if config.prune_sparsity > 0:
+        for mode, entry in _pruning_stage(student, config, workdir, val, info, source).items():
+            exports[f"pruned_{mode}"] = entry
+        stages["pruning"] = exports["pruned_fp32"]["pruning"]
+    return exports, stages
+
+
+def _qat_stage(student, config, workdir, val, info, source):
+    from kdig_tf import export
+
+    path = os.path.join(workdir, QAT_TFLITE)
+    done = scored_export(path, config.val_split)
+    if done is not None:
+        return done
+    seed = stage_seed(config.seed, "qat")
+    weights = os.path.join(workdir, QAT_WEIGHTS)
+    keras.utils.set_random_seed(seed)
+    qat = export.quantize_aware(student)
+    if os.path.isfile(weights):
+        qat.load_weights(weights)
+    else:
+        _need_training(source, workdir, QAT_WEIGHTS)
+        source.fit(qat, source.dataset(seed, config.qat_epochs), config.qat_epochs, config.qat_learning_rate)
+        with atomic_path(weights) as tmp:
+            qat.save_weights(tmp)
+    # Learned fake-quant ranges replace calibration data.
+    export.convert(qat, path, "int8", input_kind="unit", labels=data.class_names(info))
+    record = {"epochs": config.qat_epochs, "learning_rate": config.qat_learning_rate, "seed": seed,
+              "weights_path": os.path.abspath(weights)}
+    return score_export(qat, path, val, qat=record)
+
+
+def _pruning_stage(student, config, workdir, val, info, source):
+    from kdig_tf import export
+
+    modes = _pruned_modes(config)
+    paths = {mode: os.path.join(workdir, PRUNED_TFLITE.format(mode=mode)) for mode in modes}
+    entries = {mode: scored_export(paths[mode], config.val_split) for mode in modes}
+    todo = [mode for mode in modes if entries[mode] is None]
+    if not todo:
+        return entries
+    seed = stage_seed(config.seed, "prune")
+    model_path = os.path.join(workdir, PRUNED_STUDENT)
+    if os.path.isfile(model_path):
+        pruned = loading.load_model(model_path)
+    else:
+        _need_training(source, workdir, PRUNED_STUDENT)
+        keras.utils.set_random_seed(seed)
+
+        def fit_fn(model, dataset, callbacks=()):
+            source.fit(model, dataset, config.prune_epochs, config.prune_learning_rate, callbacks)
+
+        # epochs=1: the dataset already holds every epoch, and prune sizes its schedule from it.
+        pruned = export.prune(student, source.dataset(seed, config.prune_epochs), config.prune_sparsity,
+                              epochs=1, fit_fn=fit_fn)
+        with atomic_path(model_path) as tmp:
+            pruned.save(tmp, include_optimizer=False)
+        todo = modes  # every export must come from this model
+    record = {"target_sparsity": config.prune_sparsity, "sparsity": export.sparsity(pruned),
+              "epochs": config.prune_epochs, "learning_rate": config.prune_learning_rate, "seed": seed,
+              "student_path": os.path.abspath(model_path)}
+    representative = _representative(config) if "int8" in todo else None
+    for mode in todo:
+        export.convert(pruned, paths[mode], mode, representative_images=representative if mode == "int8" else None,
+                       input_kind="unit", labels=data.class_names(info))
+        entries[mode] = score_export(pruned, paths[mode], val, pruning=record)
+    return entries

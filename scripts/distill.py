@@ -3,8 +3,10 @@
     python scripts/distill.py --flagfile=flags/quick.cfg
 
 Under ``--workdir`` it writes the IG/logit store (built if missing, reused if its manifest
-matches), ``student.h5``, ``student_<mode>.tflite`` with sidecar JSON, ``history.csv``
-and, last, ``results.json``. Every flag is optional; defaults are the paper's settings.
+matches), ``student.h5``, ``student_<mode>.tflite`` with sidecar JSON, ``history.csv``,
+with ``--qat_epochs``/``--prune_sparsity`` also ``student_qat_int8.tflite`` and
+``student_pruned_<mode>.tflite``, and, last, ``results.json``. Every flag is optional;
+defaults are the paper's settings.
 A killed run resumes at its last finished epoch when started again with the same flags.
 """
 import dataclasses
@@ -58,6 +60,13 @@ HELP = {
     "map_encoding": "float16, or uint8 with a per-map scale.",
     "examples_per_shard": "Records per store shard (the unit of resume).",
     "export_modes": "Comma-separated TFLite modes: fp32, fp16, dynamic, int8 ('' = none).",
+    "qat_epochs": "After training, fine-tune a quantisation-aware copy with the KD loss for this many epochs and "
+                  "export it as student_qat_int8.tflite (0 = no QAT).",
+    "qat_learning_rate": "Constant Adam learning rate of the QAT fine-tuning.",
+    "prune_sparsity": "After training, magnitude-prune a copy to this fraction of zero Conv2D/Dense weights while "
+                      "fine-tuning with the KD loss; exported as student_pruned_<mode>.tflite (0 = no pruning).",
+    "prune_epochs": "Fine-tuning epochs of the pruned copy (the sparsity ramps up over them).",
+    "prune_learning_rate": "Constant Adam learning rate of the pruning fine-tuning.",
     "verbose": "Keras verbosity: 1 = progress bar, 2 = one line per epoch.",
 }
 FLAGS = flags.FLAGS

@@ -127,6 +127,22 @@ def test_sidecar_that_describes_another_model_is_rejected(trained, tmp_path):
         export.load_sidecar(float_path)
 
 
+def test_evaluate_tflite_and_fields_added_to_the_sidecar(trained, tmp_path):
+    model, _, test_images, test_labels = trained
+    path = str(tmp_path / "model.tflite")
+    export.convert(model, path, "fp32", labels=LABELS)
+    accuracy = export.evaluate_tflite(path, test_images, test_labels, batch_size=16)  # 4 batches
+    assert accuracy == pytest.approx(100.0 * export.check_export(model, path, test_images, test_labels)[
+        "tflite_accuracy"])
+    export.add_to_sidecar(path, val_accuracy=accuracy, file_bytes=os.path.getsize(path))
+    loaded = export.load_sidecar(path)  # the sha256 of the untouched .tflite still matches
+    assert loaded["val_accuracy"] == accuracy and loaded["file_bytes"] == os.path.getsize(path)
+    with pytest.raises(InvalidArgumentError):
+        export.add_to_sidecar(path, tflite_sha256="0" * 64)
+    with pytest.raises(ShapeMismatchError):
+        export.evaluate_tflite(path, test_images[:3], test_labels[:2])
+
+
 def test_non_image_inputs_are_rejected(tmp_path):
     flat = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
     with pytest.raises(ShapeMismatchError):
