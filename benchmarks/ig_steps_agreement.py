@@ -20,10 +20,9 @@ all of them alike. JSON (atomic) goes to ``--output``, a markdown table next to 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher", "pretrained/teacher.h5", "Teacher model file (kdig_tf.loading.load_model).")

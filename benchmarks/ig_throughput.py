@@ -9,12 +9,10 @@ load hits both sides alike; medians and the median of the per-repetition ratios 
 reported. Goal: IG points/s >= 0.9 x forward+backward points/s.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("max_batch", 256, "Points per fwd+bwd call, and IG's max_batch.")

@@ -10,12 +10,10 @@ but under the same machine load. Goal: pipeline images/s >= 10 x training images
 that the input pipeline costs the trainer at most ~10 % of the CPU.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("store_dir", None, "Store to reuse; built there if it has no manifest. Default: a temp dir.")

@@ -1,10 +1,16 @@
-"""Glue for scripts: turn a KdigError into a one-line message and exit code 2.
+"""Glue for scripts and campaign runners: flags <-> DistillConfig, and KdigError -> exit code 2.
 
-Flags are parsed only in ``scripts/``; this module holds no flags.
+Flags are only defined on the ``FlagValues`` a caller passes in (scripts pass absl's global
+``FLAGS``; a campaign makes a fresh one per run), so importing the package defines no flag.
+A campaign parses each run's flagfile and overrides with absl itself (``distill_config``),
+exactly as ``scripts/distill.py`` would.
 """
+import dataclasses
 import sys
 
-from kdig_tf.errors import KdigError
+from absl import flags
+
+from kdig_tf.errors import InvalidArgumentError, KdigError
 
 EXIT_BAD_INPUT = 2
 
@@ -17,3 +23,34 @@ def run(function, *args, **kwargs):
         message = str(err).splitlines()[0] if str(err) else ""
         print(f"error: {type(err).__name__}: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+WORKDIR_DEFAULT = "runs/distill"
+
+
+def define_distill_flags(flag_values):
+    """One flag per DistillConfig field (same name, type and default), plus --workdir."""
+    from kdig_tf.pipeline import FIELD_HELP, DistillConfig
+
+    flags.DEFINE_string("workdir", WORKDIR_DEFAULT, "Output directory of this run.", flag_values=flag_values)
+    for field in dataclasses.fields(DistillConfig):
+        define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool}.get(
+            field.type, flags.DEFINE_string)
+        define(field.name, field.default, FIELD_HELP[field.name], flag_values=flag_values)
+
+
+def config_from_flags(flag_values):
+    from kdig_tf.pipeline import DistillConfig
+
+    return DistillConfig(**{field.name: flag_values[field.name].value for field in dataclasses.fields(DistillConfig)})
+
+
+def distill_config(args):
+    """(DistillConfig, workdir) from distill.py arguments, e.g. ``["--flagfile=f.cfg", "--seed=1"]``."""
+    flag_values = flags.FlagValues()
+    define_distill_flags(flag_values)
+    try:
+        flag_values(["distill.py", *args])
+    except flags.Error as err:
+        raise InvalidArgumentError(f"bad distill arguments {args}: {err}") from err
+    return config_from_flags(flag_values), flag_values["workdir"].value

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
+from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
 
 # The teacher's input normalisation (CIFAR-10 training-set statistics).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -24,14 +24,12 @@ that arm only; ``--report_only`` with the full ``--methods`` list rewrites them 
 finished run without launching anything.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
-from kdig_tf import campaigns, experiments, reports  # noqa: E402
+from kdig_tf import campaigns, experiments, reports
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")

@@ -19,10 +19,9 @@ Latency does not depend on the weights, but int8 accuracy does: with real weight
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["teacher", "student:14"],

@@ -12,10 +12,9 @@ the tensor names (the result's ``input_kind_source`` says which).
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 

@@ -18,12 +18,10 @@ so every model sees the same perturbed images (black pixels for deletion, a blur
 for insertion by default).
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher", "runs/teacher/teacher.h5", "Reference model file (.pt, .h5, .keras).")

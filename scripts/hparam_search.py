@@ -17,14 +17,12 @@ refused unless ``--final_report``. Writes ``trials.json`` / ``trials.md`` (ranke
 base flags plus the winning values (use it as the ablation's ``--flagfile_base``).
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
-from kdig_tf import campaigns, experiments  # noqa: E402
+from kdig_tf import campaigns, experiments
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")

@@ -25,12 +25,11 @@ Pareto front, the >= --target_speedup candidates), ``latency_sweep.md`` and
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
-from kdig_tf import experiments  # noqa: E402
+from kdig_tf import experiments
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("keep_blocks", ["14", "12", "10", "8", "6"], "Student depths (feature modules kept).")

@@ -11,12 +11,10 @@ per worker with --shard_index=i --num_workers=n (same flags otherwise), then run
 with --merge to write the manifest.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher", "pretrained/teacher.h5", "Teacher weights (.h5/.keras model, or a .pt state dict).")

@@ -14,12 +14,10 @@ checkpoint to resume from is refused rather than silently retrained from scratch
 ``--init_weights`` starts a new workdir from a trained teacher (a second cosine cycle).
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kdig_tf  # noqa: E402,F401
-from absl import app, flags  # noqa: E402
+import kdig_tf  # noqa: F401
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/teacher", "Output directory (checkpoints, logs, final model).")

@@ -104,26 +104,12 @@ def test_bad_teachers_are_refused(tmp_path, teachers, teacher, error):
         assert "train_teacher.py" in str(caught.value)
 
 
-def _distill_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kdig_distill_script", os.path.join(ROOT, "scripts", "distill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines the script's flags on absl's global FLAGS, once
-    return module
-
-
 @pytest.mark.parametrize("flagfile", sorted(name for name in os.listdir(os.path.join(ROOT, "flags"))
                                             if name.endswith(".cfg")))
 def test_every_shipped_flagfile_parses_and_validates(flagfile):
-    from absl import flags
+    from kdig_tf import cli
 
-    module = sys.modules.get("kdig_distill_script") or _distill_module()
-    sys.modules["kdig_distill_script"] = module
-    flag_values = flags.FlagValues()
-    module.define_flags(flag_values)
-    flag_values(["distill.py", f"--flagfile={os.path.join(ROOT, 'flags', flagfile)}"])
-    config = module.config_from_flags(flag_values)
+    config, _ = cli.distill_config([f"--flagfile={os.path.join(ROOT, 'flags', flagfile)}"])
     config.validate()
     assert "test" not in config.train_split + config.val_split  # shipped profiles never select on test
     assert os.path.isfile(os.path.join(ROOT, config.teacher))  # the committed reference teacher

@@ -15,7 +15,7 @@ from PIL import Image
 
 from kdig_tf import cli, data, export, loading, models, pipeline
 from kdig_tf.errors import InvalidArgumentError, StaleRunError
-from test_distill_script import MOCK_RUNNER, ROOT, _distill_module
+from test_distill_script import MOCK_RUNNER, ROOT
 
 DEPLOY_RUNNER = os.path.join(ROOT, "scripts", "deploy", "run_tflite.py")
 STAGE_FLAGS = ("--qat_epochs=1", "--prune_sparsity=0.5", "--prune_epochs=1")
@@ -145,16 +145,9 @@ def test_bad_stage_flag_exits_2_and_writes_nothing(tmp_path, teacher):
 @pytest.mark.parametrize("flag", ["--prune_sparsity=-0.1", "--qat_epochs=-1"])
 def test_more_bad_stage_flags_exit_2_and_write_nothing(tmp_path, capsys, flag):
     """The script's own flags and error path, in-process (a subprocess each would mostly import TensorFlow)."""
-    from absl import flags
-
-    # Shared with test_distill_script: the script defines its flags on absl's global FLAGS once.
-    module = sys.modules.get("kdig_distill_script") or _distill_module()
-    sys.modules["kdig_distill_script"] = module
-    flag_values = flags.FlagValues()
-    module.define_flags(flag_values)
-    flag_values(["distill.py", f"--flagfile={ROOT}/flags/smoke.cfg", flag])
+    config, _ = cli.distill_config([f"--flagfile={ROOT}/flags/smoke.cfg", flag])
     with pytest.raises(SystemExit) as exited:
-        cli.run(pipeline.run_distillation, module.config_from_flags(flag_values), str(tmp_path / "run"))
+        cli.run(pipeline.run_distillation, config, str(tmp_path / "run"))
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")
     assert not os.path.exists(tmp_path / "run")
