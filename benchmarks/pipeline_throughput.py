@@ -65,6 +65,7 @@ def _run():
     import tf_keras as keras
 
     from kdig_tf import benchmark, distiller, models, overlay
+    from kdig_tf import pipeline as kdig_pipeline
     from kdig_tf.errors import InvalidArgumentError
     from kdig_tf.io_utils import atomic_write_json
 
@@ -87,11 +88,12 @@ def _run():
 
         keras.utils.set_random_seed(FLAGS.seed)
         student = models.build_student(FLAGS.keep_blocks)
-        model = distiller.Distiller(student, kd_loss=distiller.KDLoss(alpha=0.01, temperature=2.5))
+        model = distiller.paper_distiller(None, student, alpha=0.01, temperature=2.5)
         model.compile(optimizer=keras.optimizers.Adam(1e-3))
         # One real pipeline batch held in memory: training is timed without any input cost.
-        batch = next(iter(pipeline.filter(lambda x, *_: tf.shape(x)[0] == FLAGS.batch_size)))
-        in_memory = tf.data.Dataset.from_tensors(tuple(batch)).repeat()
+        full_batches = pipeline.filter(lambda x, *_: tf.shape(x)[0] == FLAGS.batch_size)
+        batch = next(iter(kdig_pipeline.distiller_batches(full_batches)))
+        in_memory = tf.data.Dataset.from_tensors(batch).repeat()
         if FLAGS.warmup_steps:
             model.fit(in_memory, steps_per_epoch=FLAGS.warmup_steps, epochs=1, verbose=0)
 

@@ -233,9 +233,9 @@ def _same_spec_repeated(batch, element_spec):
     model runs the very function it traced for the pipeline."""
     import tensorflow as tf
 
-    def relax(*tensors):
-        return tuple(tf.compat.v1.placeholder_with_default(tensor, spec.shape)
-                     for tensor, spec in zip(tensors, element_spec))
+    def relax(*element):
+        return tf.nest.map_structure(lambda tensor, spec: tf.compat.v1.placeholder_with_default(tensor, spec.shape),
+                                     element, element_spec)
     return tf.data.Dataset.from_tensors(tuple(batch)).repeat().map(relax)
 
 
@@ -302,6 +302,7 @@ def _measure_batch_size(store, batch_size):
         "kd_ig": overlay.training_dataset(store, batch_size, p=FLAGS.p, seed=FLAGS.seed, epochs=epochs["kd_ig"]),
         "student": pipeline.plain_training_dataset(raw_train, batch_size, FLAGS.seed, epochs=epochs["student"]),
     }
+    pipelines = {arm: pipeline.distiller_batches(ds) for arm, ds in pipelines.items()}
     alphas = {"kd_ig": FLAGS.alpha, "student": 0.0}
     setups = {}
     for arm in ARMS:
@@ -309,7 +310,7 @@ def _measure_batch_size(store, batch_size):
         in_memory = _same_spec_repeated(first, pipelines[arm].element_spec)
         keras.utils.set_random_seed(FLAGS.seed)
         student = models.build_student(FLAGS.keep_blocks, num_classes=store.num_classes)
-        model = distiller.Distiller(student, kd_loss=distiller.KDLoss(alphas[arm], FLAGS.temperature))
+        model = distiller.paper_distiller(None, student, alphas[arm], FLAGS.temperature)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True,
                                                      weight_decay=FLAGS.weight_decay))
         start = time.perf_counter()

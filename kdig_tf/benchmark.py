@@ -43,7 +43,7 @@ import time
 
 import numpy as np
 
-from kdig_tf.errors import InvalidArgumentError, NotAModelError
+from kdig_tf.errors import InvalidArgumentError, NotAModelError, ShapeMismatchError
 
 LATENCY_KEYS = ("init_ms", "first_inference_ms", "warmup_avg_ms", "inference_avg_ms",
                 "inference_median_ms", "inference_p90_ms", "inference_min_ms", "inference_std_ms")
@@ -466,3 +466,69 @@ def to_markdown(report):
 
 if __name__ == "__main__":
     _worker_main(sys.argv)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+def count_correct(predict, batches, total=None, progress=False):
+    """(num_correct, num_examples) of ``predict`` over ``(inputs, int labels)`` batches.
+
+    The one place kdig_tf counts top-1 hits: Keras models, .tflite files, the pipeline's
+    validation and the evaluate script all come through here.
+    """
+    from tqdm import tqdm
+
+    correct = count = 0
+    with tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for inputs, labels in batches:
+            scores = np.asarray(predict(inputs))
+            labels = np.asarray(labels).reshape(-1)
+            if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
+                raise ShapeMismatchError(f"model output has shape {scores.shape}, expected ({labels.shape[0]}, "
+                                         "classes)")
+            correct += int(np.sum(np.argmax(scores, axis=-1) == labels))
+            count += int(labels.shape[0])
+            bar.update(int(labels.shape[0]))
+    return correct, count
+
+
+def evaluate_accuracy(predict, examples, preprocess=None, batch_size=256, progress=False):
+    """Top-1 accuracy of ``predict`` on ``(uint8 image, label, id)`` examples (``kdig_tf.data.load``).
+
+    ``preprocess`` maps uint8 images to the model's input; by default float pixels, the
+    input of every pixel model. Returns {"accuracy" (percent), "num_correct", "num_examples"}.
+    """
+    import tensorflow as tf
+
+    from kdig_tf import data
+
+    preprocess = preprocess or (lambda images: tf.cast(images, tf.float32))
+    batches = (examples.map(lambda image, label, _id: (preprocess(image), label), num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+    total = data.count_examples(examples) if progress else None
+    correct, count = count_correct(predict, batches, total=total, progress=progress)
+    if count == 0:
+        raise InvalidArgumentError("no examples to evaluate on")
+    return {"accuracy": 100.0 * correct / count, "num_correct": correct, "num_examples": count}
+
+
+def keras_predictor(model):
+    """Inference-mode forward pass of a Keras model, traced once."""
+    import tensorflow as tf
+
+    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+    return tf.function(lambda inputs: model(inputs, training=False), input_signature=signature)
+
+
+def tflite_predictor(path, num_threads=None, max_batch=256):
+    """(predict, preprocess) of a kdig_tf .tflite: ``preprocess`` maps uint8 images to its input
+    as its sidecar describes ([0, 1], mean/std normalised, or pixels)."""
+    from kdig_tf import export, models
+
+    model = export.TFLiteModel(path, num_threads=num_threads or os.cpu_count() or 1, max_batch=max_batch)
+    recorded = export.load_sidecar(path)["input"]
+    kind, mean, std = recorded.get("input_kind"), recorded.get("mean"), recorded.get("std")
+    if kind == "normalized" and mean is None:
+        mean, std = models.CIFAR10_MEAN, models.CIFAR10_STD
+    spec = models.InputSpec(kind, None if mean is None else tuple(mean), None if std is None else tuple(std))
+    return model.predict, spec.from_pixels

@@ -1,10 +1,11 @@
-"""The campaigns over ``scripts/distill.py``: ablation, hyper-parameter search, compression sweep.
+"""The campaigns of distillation runs: ablation, hyper-parameter search, compression sweep.
 
-Each builds its grid of runs, runs it with ``kdig_tf.experiments`` (finished runs skipped,
-stale ones refused) and writes its report with ``kdig_tf.reports``. Splits named ``test``
-are refused unless ``final_report=True``.
+Each builds its grid of runs, runs it in this process with ``kdig_tf.experiments``
+(finished runs skipped, stale ones refused) and writes its report with ``kdig_tf.reports``.
+Splits named ``test`` are refused unless ``final_report=True``. ``launcher`` is the
+runner's: ``launcher(config, workdir)`` trains one run (default: the distillation pipeline).
 
-Nothing here imports TensorFlow except the latency helper of the compression sweep.
+Importing this module does not import TensorFlow; running a campaign does.
 """
 import kdig_tf  # noqa: F401
 
@@ -18,22 +19,22 @@ from kdig_tf import experiments, reports, stats
 from kdig_tf.errors import InvalidArgumentError, NotAModelError, UnknownKeyError
 from kdig_tf.io_utils import atomic_write_bytes, atomic_write_json, read_json_or_none
 
+
 def _prepare(output_dir, flagfile, extra_flags, final_report, split_overrides=None):
-    """Base flags, --extra_flags and the checked splits of a campaign; creates ``output_dir``."""
-    base = experiments.read_flagfile(flagfile) if flagfile else {}
+    """--extra_flags and the checked splits of a campaign; creates ``output_dir``."""
     extra = (experiments.parse_extra_flags(extra_flags) if isinstance(extra_flags, str)
              else dict(extra_flags or {}))
     overrides = dict(extra, **(split_overrides or {}))
-    splits = experiments.check_campaign_splits(base, overrides, final_report)
+    splits = experiments.check_campaign_splits(flagfile, overrides, final_report)
     os.makedirs(output_dir, exist_ok=True)
-    return base, extra, splits
+    return extra, splits
 
 
 # --------------------------------------------------------------------------- ablation
 
 def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_flags="", reference="student",
-                 final_report=False, launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT,
-                 dry_run=False, report_only=False, log=print):
+                 final_report=False, launcher=experiments.distill_launcher, dry_run=False, report_only=False,
+                 log=print):
     """Arms x seeds; writes runs.{csv,json}, summary.{json,md} and ablation.png into ``output_dir``.
 
     ``report_only`` launches nothing and rewrites the tables from the finished runs, e.g. after
@@ -42,8 +43,8 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
     arms = experiments.parse_arms(arms)
     if reference not in arms:
         raise InvalidArgumentError(f"reference arm {reference!r} is not among the methods {arms}")
-    base, extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
-    common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
+    extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
+    common = dict(experiments.default_store_dir(output_dir, flagfile, extra), **extra)
     runs = experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, subset_fraction, common)
 
     def report(rows):
@@ -51,7 +52,7 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
                                       reference, final_report)
 
     launch_nothing = dry_run or report_only
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=launch_nothing, log=log,
+    rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=launch_nothing, log=log,
                                     rows_dir=output_dir, progress=None if launch_nothing else report)
     return None if dry_run else report(rows)
 
@@ -162,15 +163,14 @@ def random_trials(space, num_trials, seed=0, digits=4):
 
 def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid", num_trials=20, search_seed=0,
                       seeds=(0,), val_split="train[45000:]", extra_flags="", final_report=False,
-                      launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT, dry_run=False,
-                      log=print):
+                      launcher=experiments.distill_launcher, dry_run=False, log=print):
     """Grid or random search scored on ``val_split``; writes trials.{json,md}, runs.{csv,json}, best.cfg."""
     if not space:
         raise InvalidArgumentError(
             "nothing to search: give at least one of --alphas, --temperatures, --ps, --gammas")
     experiments.check_selection_split(val_split, final_report, "val_split")
     method_flags = experiments.parse_arm(method)
-    base, extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report, {"val_split": val_split})
+    extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report, {"val_split": val_split})
     for name in space:
         if name in extra:
             raise InvalidArgumentError(f"--extra_flags sets --{name}, which is being searched")
@@ -180,11 +180,10 @@ def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid"
         trials = random_trials(space, num_trials, search_seed)
     else:
         raise UnknownKeyError(f"unknown search {search!r}; known: grid, random")
-    common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
+    common = dict(experiments.default_store_dir(output_dir, flagfile, extra), **extra)
     common.update(method_flags, val_split=val_split)
     runs = experiments.trial_runs(os.path.join(output_dir, "trials"), trials, list(seeds), common)
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    rows_dir=output_dir)
+    rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=dry_run, log=log, rows_dir=output_dir)
     if dry_run:
         return None
 
@@ -198,11 +197,9 @@ def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid"
               "trials": ranked}
     best = ranked[0] if ranked and ranked[0]["complete"] and ranked[0]["n"] else None
     if best is not None:
-        winner = dict(base)
-        winner.update(common)
-        winner.update(best["params"])
-        for name in ("workdir", "seed", "subset_seed"):
-            winner.pop(name, None)
+        # Every setting of the winning run as absl parsed it, so the file stands alone.
+        config, _ = experiments.parse_run(flagfile, dict(common, **best["params"]))
+        winner = experiments.config_flags(config, exclude=("seed", "subset_seed"))
         experiments.write_flagfile(os.path.join(output_dir, "best.cfg"), winner, comments=(
             f"kdig_tf hparam search: trial {best['trial']} of {len(ranked)} ({search} search), "
             f"val accuracy {best['mean']:.2f} on {val_split} (n={best['n']})",
@@ -220,7 +217,7 @@ def run_hparam_search(output_dir, flagfile, space, method="kd_ig", search="grid"
 # --------------------------------------------------------------------------- compression sweep
 
 def find_fp32_tflite(results, workdir):
-    """An fp32 ``.tflite`` that distill.py exported for this run, or None."""
+    """An fp32 ``.tflite`` that the run exported, or None."""
     exports = (results or {}).get("tflite") or {}  # distill: {mode: {"path": ..., checks...}}
     candidate = exports.get("fp32") if isinstance(exports, dict) else None
     if isinstance(candidate, dict):
@@ -243,7 +240,7 @@ def find_fp32_tflite(results, workdir):
 def measure_student_latency(results, workdir, tflite_dir, keep_blocks, warmup_runs=5, num_runs=50):
     """fp32 TFLite latency at batch 1 on 1 thread of a finished run's student.
 
-    Uses distill.py's fp32 export if there is one, else converts ``student_path``. Latency
+    Uses the run's fp32 export if there is one, else converts ``student_path``. Latency
     does not depend on the weights, so the sweep measures one model per ``keep_blocks``.
     """
     from kdig_tf import benchmark
@@ -269,8 +266,7 @@ def measure_student_latency(results, workdir, tflite_dir, keep_blocks, warmup_ru
 
 def run_compression_sweep(output_dir, flagfile, keep_blocks, arms, seeds, extra_flags="", reference="student",
                           final_report=False, latency_fn=measure_student_latency, warmup_runs=5, num_runs=50,
-                          launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT,
-                          dry_run=False, log=print):
+                          launcher=experiments.distill_launcher, dry_run=False, log=print):
     """keep_blocks x arms x seeds; writes runs.{csv,json}, sweep.{json,md} and sweep.png.
 
     ``latency_fn(results, workdir, tflite_dir, keep_blocks, warmup_runs, num_runs)`` -> latency dict
@@ -278,17 +274,16 @@ def run_compression_sweep(output_dir, flagfile, keep_blocks, arms, seeds, extra_
     """
     arms = experiments.parse_arms(arms)
     keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
-    base, extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
+    extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
     if "keep_blocks" in extra:
         raise InvalidArgumentError("--extra_flags may not set --keep_blocks: the sweep sets it")
-    store = experiments.default_store_dir(output_dir, base, extra)
+    store = experiments.default_store_dir(output_dir, flagfile, extra)
     runs = []
     for keep in keep_blocks:
         runs += experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, 1.0,
                                       dict(store, **extra, keep_blocks=keep), {"keep_blocks": keep},
                                       subdir=f"k{keep}")
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    rows_dir=output_dir)
+    rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=dry_run, log=log, rows_dir=output_dir)
     if dry_run:
         return None
 

@@ -1,46 +1,126 @@
-"""Knowledge distillation as a ``keras.Model`` with its own train and test steps.
+"""Knowledge distillation as a ``keras.Model``, in the vocabulary of ``keras.distillation``.
 
-    L = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s) + gamma * AT
+    Distiller(teacher, student, distillation_losses=[LogitsDistillation(T), AttentionTransfer(...)],
+              distillation_loss_weights=[alpha, gamma], student_loss_weight=1 - alpha)
 
-``alpha`` weights the **KD term**, as in the paper (alpha = 0.01 there), not the
-cross-entropy: peer libraries disagree on this, so the name is explicit here.
-AT is the attention-transfer loss of Zagoruyko & Komodakis: the mean squared difference
-of L2-normalised attention maps (channel mean of F^2) at one teacher and one student layer.
+per example  L = student_loss_weight * CE(y, z_s) + sum_i w_i * D_i,  averaged over the batch.
+The paper's objective, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE (+ gamma * AT),
+is :func:`paper_distiller`; ``alpha`` weights the **KD term** (0.01 in the paper), which peer
+libraries do not agree on, so the weights are always explicit here.
 
-Teacher logits come from the precompute store by default (the dataset yields them);
-without a store the frozen teacher runs online in inference mode.
+Both models take pixels (``kdig_tf.models``: pixel models, or bare kdig_tf networks, which
+are wrapped). Training data are ``[0, 1]`` images, as kdig_tf's input pipelines yield them:
+elements ``(images, labels)`` or ``({"images", "teacher_logits", "example_id"}, labels)``.
+Each model's network runs on the images mapped by its own ``InputSpec``, the same float
+operations as before models carried their preprocessing. Cached teacher logits (from the
+IG/logit store, keyed by example id) are used when the batch has them; otherwise the frozen
+teacher runs on the batch the student sees.
 """
 import kdig_tf  # noqa: F401
 
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf import data
+from kdig_tf import loading, models
 from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
+
+IMAGES = "images"
+TEACHER_LOGITS = "teacher_logits"
+EXAMPLE_ID = "example_id"
+
+
+class DistillationLoss:
+    """A per-example distillation term between teacher and student outputs."""
+
+    name = "distillation_loss"
+    # "logits": compares the models' outputs; "features": outputs of named layers.
+    kind = "logits"
+
+    def per_example(self, teacher_outputs, student_outputs):
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.utils.register_keras_serializable(package="kdig_tf")
+class LogitsDistillation(DistillationLoss):
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per example."""
+
+    name = "kd_loss"
+
+    def __init__(self, temperature=2.5):
+        if not float(temperature) > 0.0:
+            raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def per_example(self, teacher_logits, student_logits):
+        t = self.temperature
+        teacher_log_probs = tf.nn.log_softmax(teacher_logits / t, axis=-1)
+        student_log_probs = tf.nn.log_softmax(student_logits / t, axis=-1)
+        kl = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+        return t * t * kl
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+
+def attention_map(features):
+    """[B,H,W,C] -> L2-normalised [B,H*W] channel mean of F^2."""
+    attention = tf.reduce_mean(tf.square(features), axis=-1)
+    return tf.math.l2_normalize(tf.reshape(attention, [tf.shape(attention)[0], -1]), axis=-1)
+
+
+@keras.utils.register_keras_serializable(package="kdig_tf")
+class AttentionTransfer(DistillationLoss):
+    """Mean squared difference of normalised attention maps (Zagoruyko & Komodakis), per example.
+
+    ``teacher_layer``/``student_layer`` name the layers; :func:`matching_feature_layers` picks
+    a pair by spatial size when they are not given.
+    """
+
+    name = "at_loss"
+    kind = "features"
+
+    def __init__(self, teacher_layer, student_layer):
+        if not teacher_layer or not student_layer:
+            raise InvalidArgumentError("attention transfer needs a teacher_layer and a student_layer")
+        self.teacher_layer = teacher_layer
+        self.student_layer = student_layer
+
+    def per_example(self, teacher_features, student_features):
+        if teacher_features.shape[1:3] != student_features.shape[1:3]:
+            raise ShapeMismatchError(
+                f"attention transfer needs equal spatial sizes: teacher {teacher_features.shape[1:3]} "
+                f"vs student {student_features.shape[1:3]}")
+        difference = attention_map(teacher_features) - attention_map(student_features)
+        return tf.reduce_mean(tf.square(difference), axis=-1)
+
+    def get_config(self):
+        return {"teacher_layer": self.teacher_layer, "student_layer": self.student_layer}
 
 
 @keras.utils.register_keras_serializable(package="kdig_tf")
 class KDLoss:
-    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, averaged over the batch."""
+    """The paper's objective on logits: alpha * LogitsDistillation(T) + (1 - alpha) * CE, batch mean."""
 
     def __init__(self, alpha=0.01, temperature=2.5):
         if not 0.0 <= float(alpha) <= 1.0:
             raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
-        if not float(temperature) > 0.0:
-            raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
         self.alpha = float(alpha)
-        self.temperature = float(temperature)
+        self.logits_distillation = LogitsDistillation(temperature)
+        self.temperature = self.logits_distillation.temperature
 
     def terms(self, labels, student_logits, teacher_logits=None):
         """Per-example (kd, ce) terms; kd is zero when there are no teacher logits."""
         ce = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
         if teacher_logits is None:
             return tf.zeros_like(ce), ce
-        t = self.temperature
-        teacher_log_probs = tf.nn.log_softmax(teacher_logits / t, axis=-1)
-        student_log_probs = tf.nn.log_softmax(student_logits / t, axis=-1)
-        kl = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
-        return t * t * kl, ce
+        return self.logits_distillation.per_example(teacher_logits, student_logits), ce
 
     def __call__(self, labels, student_logits, teacher_logits=None):
         kd, ce = self.terms(labels, student_logits, teacher_logits)
@@ -54,146 +134,179 @@ class KDLoss:
         return cls(**config)
 
 
-def attention_map(features):
-    """[B,H,W,C] -> L2-normalised [B,H*W] channel mean of F^2."""
-    attention = tf.reduce_mean(tf.square(features), axis=-1)
-    return tf.math.l2_normalize(tf.reshape(attention, [tf.shape(attention)[0], -1]), axis=-1)
+def spatial_layers(model, size):
+    """Names of the 4-D layers of ``model`` whose output is ``size`` x ``size``, deepest last."""
+    names = []
+    for layer in model.layers:
+        shape = getattr(layer, "output_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 4 and tuple(shape[1:3]) == tuple(size):
+            names.append(layer.name)
+    return names
 
 
-@keras.utils.register_keras_serializable(package="kdig_tf")
-class AttentionTransferLoss:
-    """gamma * mean squared difference of normalised attention maps, per example."""
-
-    def __init__(self, gamma=0.8, teacher_layer="features_13_add", student_layer="features_13_add"):
-        if float(gamma) < 0.0:
-            raise InvalidArgumentError(f"gamma must be >= 0, got {gamma}")
-        self.gamma = float(gamma)
-        self.teacher_layer = teacher_layer
-        self.student_layer = student_layer
-
-    def per_example(self, teacher_features, student_features):
-        if teacher_features.shape[1:3] != student_features.shape[1:3]:
-            raise ShapeMismatchError(
-                f"attention transfer needs equal spatial sizes: teacher {teacher_features.shape[1:3]} "
-                f"vs student {student_features.shape[1:3]}")
-        difference = attention_map(teacher_features) - attention_map(student_features)
-        return tf.reduce_mean(tf.square(difference), axis=-1)
-
-    def get_config(self):
-        return {"gamma": self.gamma, "teacher_layer": self.teacher_layer, "student_layer": self.student_layer}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+def matching_feature_layers(teacher, student):
+    """(teacher_layer, student_layer): the student's deepest 4-D layer and the teacher's deepest
+    layer of the same spatial size; MissingFeatureLayerError when no sizes match."""
+    teacher_core, _ = models.split_preprocessing(loading.as_pixel_model(teacher))
+    student_core, _ = models.split_preprocessing(loading.as_pixel_model(student))
+    for layer in reversed(student_core.layers):
+        shape = getattr(layer, "output_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 4 and not isinstance(layer, keras.layers.InputLayer):
+            candidates = spatial_layers(teacher_core, shape[1:3])
+            if candidates:
+                return candidates[-1], layer.name
+    raise MissingFeatureLayerError(f"no layer of {teacher.name} has the spatial size of a layer of {student.name}: "
+                                   "attention transfer needs matching feature maps (give the layers explicitly)")
 
 
-def _with_features(model, layer_name):
+class MissingFeatureLayerError(ShapeMismatchError):
+    """No teacher and student layers with the same spatial size for attention transfer."""
+
+
+def _with_features(core, layer_name):
     """A model returning (logits, features at ``layer_name``)."""
     try:
-        layer = model.get_layer(layer_name)
+        layer = core.get_layer(layer_name)
     except ValueError as err:
-        raise InvalidArgumentError(f"{model.name} has no layer {layer_name!r}") from err
-    return keras.Model(model.inputs, [model.outputs[0], layer.output], name=f"{model.name}_with_features")
+        raise InvalidArgumentError(f"{core.name} has no layer {layer_name!r}") from err
+    return keras.Model(core.inputs, [core.outputs[0], layer.output], name=f"{core.name}_with_features")
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class Distiller(keras.Model):
-    """Trains ``student`` from labels, cached or online teacher logits, and optional AT.
+    """Trains ``student`` from labels and a frozen ``teacher`` (online or through cached logits).
 
-    Training elements are ``(student_input, label)``, ``(student_input, label,
-    teacher_logits)`` or ``(student_input, label, teacher_logits, example_id)``, as
-    ``kdig_tf.overlay.training_dataset`` yields them. Without cached logits the teacher
-    runs online on ``teacher_preprocess(student_input)``.
-
-    ``save``/``save_weights``-free export: :meth:`save_student` (and ``save``) write the
-    student alone, loadable with plain tf-keras.
+    ``teacher`` may be None when every training batch carries cached teacher logits and no
+    feature loss is used. ``student_model``/``teacher_model`` are the pixel models;
+    ``student``/``teacher`` the networks behind their preprocessing, which is what trains.
+    :meth:`save_student` (and ``save``) write the student pixel model alone, which loads in
+    plain tf-keras.
     """
 
-    def __init__(self, student, teacher=None, kd_loss=None, at_loss=None,
-                 teacher_preprocess=data.normalize_teacher, **kwargs):
-        super().__init__(name=kwargs.pop("name", "distiller"), **kwargs)
-        self.student = student
-        self.kd_loss = kd_loss or KDLoss(alpha=0.0)
-        self.at_loss = at_loss if at_loss is not None and at_loss.gamma > 0 else None
-        self.teacher_preprocess = teacher_preprocess
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.trainable = False
-            if teacher.output_shape[-1] != student.output_shape[-1]:
-                raise ShapeMismatchError(
-                    f"teacher has {teacher.output_shape[-1]} classes, student {student.output_shape[-1]}")
-        if self.at_loss is not None:
-            if teacher is None:
-                raise InvalidArgumentError("attention transfer needs the teacher model (features run online)")
-            self._teacher_with_features = _with_features(teacher, self.at_loss.teacher_layer)
-            self._student_with_features = _with_features(student, self.at_loss.student_layer)
+    def __init__(self, teacher, student, distillation_losses=None, distillation_loss_weights=None,
+                 student_loss_weight=0.5, name="distiller", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.distillation_losses = _as_list(distillation_losses)
+        weights = _as_list(distillation_loss_weights) or [1.0] * len(self.distillation_losses)
+        if len(weights) != len(self.distillation_losses):
+            raise InvalidArgumentError(f"{len(weights)} distillation_loss_weights for "
+                                       f"{len(self.distillation_losses)} distillation_losses")
+        if any(float(weight) < 0 for weight in weights) or not 0.0 <= float(student_loss_weight) <= 1.0:
+            raise InvalidArgumentError("weights must be >= 0 and student_loss_weight in [0, 1]")
+        names = [loss.name for loss in self.distillation_losses]
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"two distillation losses share a name: {names}")
+        self.distillation_loss_weights = [float(weight) for weight in weights]
+        self.student_loss_weight = float(student_loss_weight)
+
+        # ``student``/``teacher`` are the networks behind the models' preprocessing layers, under
+        # the attribute names of the Distiller before models carried preprocessing, so training
+        # checkpoints (BackupAndRestore) of runs started then restore into this one.
+        self.student_model = loading.as_pixel_model(student)
+        self.student, self.student_input = models.split_preprocessing(self.student_model)
+        self.teacher_model = None if teacher is None else loading.as_pixel_model(teacher)
+        if self.teacher_model is not None:
+            self.teacher_model.trainable = False
+            if self.teacher_model.output_shape[-1] != self.student_model.output_shape[-1]:
+                raise ShapeMismatchError(f"teacher has {self.teacher_model.output_shape[-1]} classes, student "
+                                         f"{self.student_model.output_shape[-1]}")
+            self.teacher, self.teacher_input = models.split_preprocessing(self.teacher_model)
+        else:
+            self.teacher, self.teacher_input = None, None
+        self._features = {}
+        for loss in self.distillation_losses:
+            if loss.kind == "features":
+                if self.teacher is None:
+                    raise InvalidArgumentError(f"{loss.name} needs the teacher model (its features run online)")
+                self._teacher_with_features = _with_features(self.teacher, loss.teacher_layer)
+                self._student_with_features = _with_features(self.student, loss.student_layer)
+                self._features[loss.name] = (self._teacher_with_features, self._student_with_features)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.kd_tracker = keras.metrics.Mean(name="kd_loss")
         self.ce_tracker = keras.metrics.Mean(name="ce_loss")
         self.at_tracker = keras.metrics.Mean(name="at_loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        known = {"kd_loss": self.kd_tracker, "at_loss": self.at_tracker}
+        self._term_trackers = {loss.name: known.get(loss.name) or keras.metrics.Mean(name=loss.name)
+                               for loss in self.distillation_losses}
 
     @property
     def metrics(self):
-        trackers = [self.loss_tracker, self.ce_tracker]
-        if self.kd_loss.alpha > 0:
-            trackers.append(self.kd_tracker)
-        if self.at_loss is not None:
-            trackers.append(self.at_tracker)
-        return trackers + [self.accuracy]
+        return [self.loss_tracker, self.ce_tracker, *self._term_trackers.values(), self.accuracy]
 
-    def call(self, inputs, training=False):
-        return self.student(inputs, training=training)
+    def call(self, images, training=False):
+        """Student logits for [0, 1] images."""
+        return self.student(self.student_input.from_unit(images), training=training)
 
     @staticmethod
     def _unpack(batch):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise InvalidArgumentError("training elements must be (input, label[, teacher_logits[, id]])")
-        teacher_logits = batch[2] if len(batch) > 2 else None
-        return batch[0], batch[1], teacher_logits
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise InvalidArgumentError("training elements must be (images, labels) or "
+                                       f"({{{IMAGES!r}, {TEACHER_LOGITS!r}, {EXAMPLE_ID!r}}}, labels)")
+        inputs, labels = batch
+        if isinstance(inputs, dict):
+            if IMAGES not in inputs:
+                raise InvalidArgumentError(f"the input dict has no {IMAGES!r}: {sorted(inputs)}")
+            return inputs[IMAGES], labels, inputs.get(TEACHER_LOGITS)
+        return inputs, labels, None
 
-    def _teacher_outputs(self, inputs, cached_logits, training):
-        """(teacher logits or None, teacher features or None), never differentiated."""
-        needs_logits = self.kd_loss.alpha > 0 and cached_logits is None
-        if self.at_loss is not None:
-            logits, features = self._teacher_with_features(self.teacher_preprocess(inputs), training=False)
-            logits = cached_logits if cached_logits is not None else logits
-            return tf.stop_gradient(logits), tf.stop_gradient(features)
-        if needs_logits:
-            if self.teacher is None:
-                if not training:
-                    return None, None  # plain (input, label) validation: report CE and accuracy
-                raise InvalidArgumentError("alpha > 0 needs cached teacher logits or a teacher model")
-            return tf.stop_gradient(self.teacher(self.teacher_preprocess(inputs), training=False)), None
-        return cached_logits, None
+    def _teacher_logits(self, images, cached_logits, training):
+        if cached_logits is not None:
+            return cached_logits
+        if self.teacher is None:
+            if not training:
+                return None  # plain (images, labels) validation: report CE and accuracy only
+            raise InvalidArgumentError("a logits distillation loss needs cached teacher logits or a teacher model")
+        return tf.stop_gradient(self.teacher(self.teacher_input.from_unit(images), training=False))
 
-    def _loss_terms(self, inputs, labels, cached_logits, training):
-        teacher_logits, teacher_features = self._teacher_outputs(inputs, cached_logits, training)
-        if self.at_loss is not None:
-            student_logits, student_features = self._student_with_features(inputs, training=training)
-            at = self.at_loss.per_example(teacher_features, student_features)
+    def _loss_terms(self, images, labels, cached_logits, training):
+        student_inputs = self.student_input.from_unit(images)
+        feature_pairs = {}
+        if self._features:
+            teacher_inputs = self.teacher_input.from_unit(images)
+            for name, (teacher_features, student_features) in self._features.items():
+                _, t_features = teacher_features(teacher_inputs, training=False)
+                student_logits, s_features = student_features(student_inputs, training=training)
+                feature_pairs[name] = (tf.stop_gradient(t_features), s_features)
         else:
-            student_logits = self.student(inputs, training=training)
-            at = tf.zeros(tf.shape(labels)[:1])
-        if teacher_logits is not None and self.kd_loss.alpha == 0:
-            teacher_logits = None  # no KD term: skip the KL computation
-        kd, ce = self.kd_loss.terms(labels, student_logits, teacher_logits)
-        gamma = self.at_loss.gamma if self.at_loss is not None else 0.0
-        alpha = self.kd_loss.alpha
-        total = alpha * kd + (1.0 - alpha) * ce + gamma * at
-        return student_logits, {"loss": total, "kd_loss": kd, "ce_loss": ce, "at_loss": at}
+            student_logits = self.student(student_inputs, training=training)
+        teacher_logits = None
+        if any(loss.kind == "logits" for loss in self.distillation_losses):
+            teacher_logits = self._teacher_logits(images, cached_logits, training)
+        ce = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
+        # Addition is commutative in floating point, so starting from the student term gives the
+        # same bits as alpha * kd + (1 - alpha) * ce + gamma * at.
+        total = self.student_loss_weight * ce
+        terms = {"ce_loss": ce}
+        for loss, weight in zip(self.distillation_losses, self.distillation_loss_weights):
+            if loss.kind == "features":
+                term = loss.per_example(*feature_pairs[loss.name])
+            elif teacher_logits is None:
+                term = tf.zeros_like(ce)
+            else:
+                term = loss.per_example(teacher_logits, student_logits)
+            terms[loss.name] = term
+            total = weight * term + total
+        terms["loss"] = total
+        return student_logits, terms
 
     def _update_metrics(self, labels, logits, terms):
         self.loss_tracker.update_state(terms["loss"])
-        self.kd_tracker.update_state(terms["kd_loss"])
         self.ce_tracker.update_state(terms["ce_loss"])
-        self.at_tracker.update_state(terms["at_loss"])
+        for name, tracker in self._term_trackers.items():
+            tracker.update_state(terms[name])
         self.accuracy.update_state(labels, logits)
         return {metric.name: metric.result() for metric in self.metrics}
 
     def train_step(self, batch):
-        inputs, labels, cached_logits = self._unpack(batch)
+        images, labels, cached_logits = self._unpack(batch)
         with tf.GradientTape() as tape:
-            logits, terms = self._loss_terms(inputs, labels, cached_logits, training=True)
+            logits, terms = self._loss_terms(images, labels, cached_logits, training=True)
             # Gradients are summed over replicas, so each replica averages over the global batch.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             loss = tf.reduce_mean(terms["loss"]) / replicas
@@ -203,19 +316,42 @@ class Distiller(keras.Model):
         return self._update_metrics(labels, logits, terms)
 
     def test_step(self, batch):
-        inputs, labels, cached_logits = self._unpack(batch)
-        logits, terms = self._loss_terms(inputs, labels, cached_logits, training=False)
+        images, labels, cached_logits = self._unpack(batch)
+        logits, terms = self._loss_terms(images, labels, cached_logits, training=False)
         return self._update_metrics(labels, logits, terms)
 
     def save_student(self, filepath, **kwargs):
-        """Write the student alone (no teacher, no kdig_tf objects)."""
+        """Write the student alone: a pixel model, no teacher, no kdig_tf objects."""
         kwargs.setdefault("include_optimizer", False)
-        self.student.save(filepath, **kwargs)
+        self.student_model.save(filepath, **kwargs)
 
     def save(self, filepath, *args, **kwargs):
         """Saving a distiller saves its student: the teacher is a training-time dependency."""
         self.save_student(filepath, *args, **kwargs)
 
     def get_config(self):
-        return {"kd_loss": self.kd_loss.get_config(),
-                "at_loss": self.at_loss.get_config() if self.at_loss is not None else None}
+        return {"distillation_losses": [keras.utils.serialize_keras_object(loss) for loss in self.distillation_losses],
+                "distillation_loss_weights": self.distillation_loss_weights,
+                "student_loss_weight": self.student_loss_weight}
+
+
+def paper_distiller(teacher, student, alpha=0.01, temperature=2.5, gamma=0.0, at_layers=None):
+    """The paper's objective: alpha * KD(T) + (1 - alpha) * CE, plus gamma * AT when gamma > 0.
+
+    ``at_layers`` = (teacher_layer, student_layer); by default matched by spatial size.
+    ``alpha == 0`` drops the KD term (the plain student), ``teacher`` may then be None.
+    """
+    kd_loss = KDLoss(alpha, temperature)  # validates alpha and T
+    losses, weights = [], []
+    if kd_loss.alpha > 0:
+        losses.append(kd_loss.logits_distillation)
+        weights.append(kd_loss.alpha)
+    if float(gamma) < 0:
+        raise InvalidArgumentError(f"gamma must be >= 0, got {gamma}")
+    if gamma > 0:
+        if teacher is None:
+            raise InvalidArgumentError("attention transfer needs the teacher model")
+        teacher_layer, student_layer = at_layers or matching_feature_layers(teacher, student)
+        losses.append(AttentionTransfer(teacher_layer, student_layer))
+        weights.append(float(gamma))
+    return Distiller(teacher, student, losses, weights, student_loss_weight=1.0 - kd_loss.alpha)

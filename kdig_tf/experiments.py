@@ -1,10 +1,13 @@
-"""The campaign runner: one ``scripts/distill.py`` subprocess per run, resumable and checked.
+"""The campaign runner: one distillation per run, in this process, resumable and checked.
 
-A campaign is a list of ``Run``s, each with its own work directory. The runner launches
-``scripts/distill.py`` once per unfinished run (a subprocess, output appended to
-``<run>/log.txt``), skips runs whose ``results.json`` and the files it names exist, and
-keeps going when a run fails: the failure is reported in the rows and the run is retried on
-the next invocation.
+A campaign is a list of ``Run``s, each with its own work directory. For every unfinished
+run the runner builds the arguments ``scripts/distill.py`` would get (the base flagfile,
+``--workdir`` and the run's overrides), parses them with absl into a ``DistillConfig``
+(:func:`kdig_tf.cli.distill_config`) and calls :func:`kdig_tf.pipeline.run_distillation`
+in the same process; what the run prints and logs goes to ``<run>/log.txt``. It skips runs
+whose ``results.json`` and the files it names exist, and keeps going when a run fails: the
+exception and its traceback go to the run's log, the row says "failed", and the run is
+retried on the next invocation. A KeyboardInterrupt stops the campaign.
 Before launching, ``<run>/command.json`` records the flags, so a finished run can be
 checked against what the campaign asks for now (``StaleRunError`` on a mismatch: results
 of a different recipe are never mixed in silently).
@@ -13,25 +16,29 @@ Selection hygiene: any split named ``test`` is refused unless ``final_report=Tru
 (``check_selection_split``), so tuning and model selection only ever see validation data.
 
 The campaigns themselves are in ``kdig_tf.campaigns``, their tables and plots in
-``kdig_tf.reports``. Nothing here imports TensorFlow.
+``kdig_tf.reports``. Importing this module does not import TensorFlow; parsing a run's
+flags does (``DistillConfig`` lives in ``kdig_tf.pipeline``).
 """
 import kdig_tf  # noqa: F401
 
+import contextlib
 import csv
+import dataclasses
 import datetime
+import gc
+import logging
 import os
 import shlex
-import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
+from kdig_tf import cli
 from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
                             UnknownKeyError)
 from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DISTILL_SCRIPT = os.path.join(REPO_ROOT, "scripts", "distill.py")
 METHODS = ("student", "kd", "ig", "kd_ig", "at", "kd_at", "ig_at", "kd_ig_at", "kd_online")
 # "kd_ig_shuffled" = --method=kd_ig --cached_targets_order=shuffled (the misalignment control).
 SHUFFLED_SUFFIX = "_shuffled"
@@ -39,8 +46,9 @@ _NO_CACHED_TARGETS = ("student", "at", "kd_online")  # methods that never read t
 RESULTS_FILE = "results.json"
 COMMAND_FILE = "command.json"
 LOG_FILE = "log.txt"
-# distill.py's defaults, used when neither the base flagfile nor the overrides set a split.
-DISTILL_SPLIT_DEFAULTS = {"train_split": "train[:45000]", "val_split": "train[45000:]", "eval_split": ""}
+SPLIT_FIELDS = ("train_split", "val_split", "eval_split")
+# How a row shows its run: the same distillation by hand, from a checkout of the repository.
+DISTILL_COMMAND = ("python", "scripts/distill.py")
 # Flags a campaign sets per run; --extra_flags must not fight over them.
 RESERVED_FLAGS = ("workdir", "method", "seed", "subset_seed", "cached_targets_order", "flagfile")
 RESULT_FIELDS = ("val_accuracy", "val_split", "eval_accuracy", "eval_split", "trainable_params",
@@ -71,32 +79,11 @@ def _parse_flag_token(token, origin):
     return name.strip(), (value if sep else None)
 
 
-def read_flagfile(path):
-    """The flags of an absl flagfile as an ordered {name: value} (nested --flagfile followed).
-
-    One flag per line; blank lines and lines starting with ``#`` or ``//`` are comments.
-    """
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise InvalidArgumentError(f"no such flagfile: {path}")
-    flags = {}
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            line = line.strip()
-            if not line or line.startswith("#") or line.startswith("//"):
-                continue
-            name, value = _parse_flag_token(line, f"{path}:{number}")
-            if name == "flagfile":
-                # absl resolves nested flagfiles against the working directory.
-                flags.update(read_flagfile(value))
-            else:
-                flags.pop(name, None)  # a repeated flag moves to its last position
-                flags[name] = value
-    return flags
-
-
 def parse_extra_flags(text):
-    """``"--epochs=5 --batch_size=64"`` -> ordered dict; refuses flags the campaign sets per run."""
+    """``"--epochs=5 --batch_size=64"`` -> ordered dict; refuses flags the campaign sets per run.
+
+    Values stay as typed, so the ``command.json`` records of earlier runs still compare equal.
+    """
     flags = {}
     for token in shlex.split(text or ""):
         name, value = _parse_flag_token(token, "--extra_flags")
@@ -104,6 +91,42 @@ def parse_extra_flags(text):
             raise InvalidArgumentError(f"--extra_flags may not set --{name}: the campaign sets it per run")
         flags[name] = value
     return flags
+
+
+def run_args(flagfile, overrides, workdir=None):
+    """distill.py's arguments: ``--flagfile``, ``--workdir``, then the overrides in their order."""
+    args = [f"--flagfile={os.path.abspath(flagfile)}"] if flagfile else []
+    if workdir is not None:
+        args.append(f"--workdir={os.path.abspath(workdir)}")
+    return args + flag_args(overrides)
+
+
+def parse_run(flagfile, overrides, workdir=None):
+    """(DistillConfig, workdir) of a base flagfile plus overrides, parsed by absl as distill.py would."""
+    if flagfile and not os.path.isfile(flagfile):
+        raise InvalidArgumentError(f"no such flagfile: {os.path.abspath(flagfile)}")
+    return cli.distill_config(run_args(flagfile, overrides, workdir))
+
+
+def config_flags(config, exclude=()):
+    """A DistillConfig as an ordered {flag: value}, without unset (None) fields and ``exclude``."""
+    return {name: value for name, value in dataclasses.asdict(config).items()
+            if value is not None and name not in exclude}
+
+
+def _shown_arg(arg):
+    """``--name=/abs/path`` inside the working directory -> ``--name=relative/path``."""
+    name, sep, value = arg.partition("=")
+    if sep and os.path.isabs(value):
+        relative = os.path.relpath(value)
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return f"{name}={relative}"
+    return arg
+
+
+def display_command(args):
+    """The shell command that repeats a run by hand, paths inside the working directory made relative."""
+    return shlex.join([*DISTILL_COMMAND, *(_shown_arg(arg) for arg in args)])
 
 
 def write_flagfile(path, flags, comments=()):
@@ -151,16 +174,14 @@ def check_selection_split(split, final_report=False, flag="val_split"):
     return split
 
 
-def effective_splits(base_flags, overrides):
-    """train/val/eval split a run will use: overrides > base flagfile > distill defaults."""
-    merged = dict(DISTILL_SPLIT_DEFAULTS)
-    for source in (base_flags, overrides):
-        merged.update({name: source[name] or "" for name in DISTILL_SPLIT_DEFAULTS if name in source})
-    return merged
+def effective_splits(flagfile, overrides):
+    """train/val/eval split a run will use ('' = none), as distill.py parses its flags."""
+    config, _ = parse_run(flagfile, overrides)
+    return {name: getattr(config, name) or "" for name in SPLIT_FIELDS}
 
 
-def check_campaign_splits(base_flags, overrides, final_report=False):
-    splits = effective_splits(base_flags, overrides)
+def check_campaign_splits(flagfile, overrides, final_report=False):
+    splits = effective_splits(flagfile, overrides)
     for name, split in splits.items():
         check_selection_split(split, final_report, flag=name)
     return splits
@@ -170,7 +191,7 @@ def check_campaign_splits(base_flags, overrides, final_report=False):
 
 @dataclass
 class Run:
-    """One distill.py invocation: its directory, flag overrides and labels for the tables."""
+    """One distillation run: its directory, flag overrides and labels for the tables."""
     name: str
     workdir: str
     overrides: dict
@@ -243,17 +264,96 @@ def trial_runs(root, trials, seeds, common=None):
 
 # --------------------------------------------------------------------------- runner
 
-def subprocess_launcher(command, log_path):
-    """Run ``command``, appending its stdout and stderr to ``log_path``; return the exit code."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # the log follows the run live
-    with open(log_path, "ab") as log:
+def distill_launcher(config, workdir):
+    """The default launcher: :func:`kdig_tf.pipeline.run_distillation`, in this process."""
+    from kdig_tf import pipeline
+
+    return pipeline.run_distillation(config, workdir, progress=True)
+
+
+def _stream_handlers():
+    """Every logging StreamHandler in this process, absl's included (it hides one inside its handler)."""
+    loggers = [logging.getLogger()] + [logger for logger in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    found = {}
+    for logger in loggers:
+        for handler in logger.handlers:
+            for candidate in (handler, getattr(handler, "python_handler", None)):
+                if isinstance(candidate, logging.StreamHandler):
+                    found[id(candidate)] = candidate
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _descriptors_to(handle):
+    """File descriptors 1 and 2 to ``handle``: TensorFlow's and the TFLite converter's C++ logs."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            stream.flush()  # console text written before the run stays on the console
+    saved = []
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+            except OSError:  # no such descriptor (e.g. a GUI process)
+                continue
+            os.dup2(handle.fileno(), fd)
+        yield
+    finally:
+        handle.flush()
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
+def run_output_to(handle):
+    """Send what a run prints and logs (Keras, tqdm, absl and TF logging, C++ logs) to ``handle``."""
+    consoles = {id(stream) for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
+    swapped = {id(handler): handler.stream for handler in _stream_handlers() if id(handler.stream) in consoles}
+    try:
+        for handler in _stream_handlers():
+            if id(handler) in swapped:
+                handler.setStream(handle)
+        with _descriptors_to(handle), contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+            yield
+    finally:
+        # A handler made during the run (absl's, TensorFlow's) took the log as its stream: give it the
+        # console it would have had, or it writes to a closed file in the next run.
+        for handler in _stream_handlers():
+            if id(handler) in swapped:
+                handler.setStream(swapped[id(handler)])
+            elif handler.stream is handle:
+                handler.setStream(sys.stderr)
+
+
+def _release_memory():
+    """Drop the finished run's graphs and models, so dozens of runs in one process do not pile up."""
+    import tf_keras as keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def _launch(launcher, config, workdir, log_path, command):
+    """Run ``launcher(config, workdir)`` with its output in ``log_path``; the error text, or None."""
+    with open(log_path, "a", buffering=1) as handle:
         stamp = datetime.datetime.now().isoformat(timespec="seconds")
-        log.write(f"\n=== {stamp} {shlex.join(command)}\n".encode())
-        log.flush()
-        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        handle.write(f"\n=== {stamp} in-process, cwd {os.getcwd()}: {command}\n")
+        try:
+            with run_output_to(handle):
+                launcher(config, workdir)
+        except Exception as err:  # a failed run is reported and retried; KeyboardInterrupt stops the campaign
+            handle.write(traceback.format_exc())
+            message = str(err).splitlines()[0] if str(err).strip() else ""
+            return f"{type(err).__name__}: {message}" if message else type(err).__name__
+        finally:
+            _release_memory()
+    return None
 
 
 def _record(run, flagfile):
+    # The format of the subprocess runner's records, so runs it finished are still recognised.
     return {"flagfile": flagfile, "flagfile_sha256": sha256_file(flagfile) if flagfile else None,
             "overrides": flag_args(run.overrides)}
 
@@ -295,27 +395,23 @@ def missing_outputs(workdir, results):
             if path and recorded_output(workdir, path) is None]
 
 
-def build_command(run, flagfile=None, script=DISTILL_SCRIPT, python=None):
-    args = [f"--flagfile={flagfile}"] if flagfile else []
-    args.append(f"--workdir={os.path.abspath(run.workdir)}")
-    args += flag_args(run.overrides)
-    return [python or sys.executable, script, *args]
-
-
-def _row(run, status, returncode, command, results, wall_seconds):
-    row = {"run": run.name, **run.labels, "status": status, "returncode": returncode}
+def _row(run, status, error, command, results, wall_seconds):
+    row = {"run": run.name, **run.labels, "status": status, "error": error}
     results = results or {}
     for key in RESULT_FIELDS:
         row[key] = results.get(key)
-    row.update(wall_seconds=wall_seconds, workdir=run.workdir, command=shlex.join(command))
+    row.update(wall_seconds=wall_seconds, workdir=run.workdir, command=command)
     return row
 
 
-def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTILL_SCRIPT, python=None,
-                 dry_run=False, log=print, rows_dir=None, progress=None):
-    """Launch every unfinished run; return one row per run (status ok / skipped / failed / pending).
+def run_campaign(runs, flagfile=None, launcher=distill_launcher, dry_run=False, log=print, rows_dir=None,
+                 progress=None):
+    """Run every unfinished run in this process; return one row per run (status ok / skipped / failed / pending).
 
-    With ``rows_dir``, ``runs.{csv,json}`` there are rewritten after every launched run (runs not
+    ``launcher(config, workdir)`` trains one run (default :func:`distill_launcher`); ``config``
+    is the run's ``DistillConfig``, parsed by absl from the base ``flagfile`` and the run's
+    overrides. Every run's flags are parsed and checked before anything is launched. With
+    ``rows_dir``, ``runs.{csv,json}`` there are rewritten after every launched run (runs not
     reached yet are "pending") and at the end, so a campaign killed after hours still leaves an
     up-to-date table; ``progress(rows)``, if given, is called at the same points during the loop.
     """
@@ -328,42 +424,50 @@ def run_campaign(runs, flagfile=None, launcher=subprocess_launcher, script=DISTI
     for run, record in zip(runs, records):
         if os.path.exists(os.path.join(run.workdir, RESULTS_FILE)):
             _check_not_stale(run, record)
-
-    commands = [build_command(run, flagfile, script, python) for run in runs]
+    commands = [display_command(run_args(flagfile, run.overrides, run.workdir)) for run in runs]
     rows, missing = [], []
     for run, command in zip(runs, commands):
         results_path = os.path.join(run.workdir, RESULTS_FILE)
         results = read_json_or_none(results_path) if os.path.exists(results_path) else None
-        # A finished run whose outputs are gone is launched again: distill.py remakes them.
+        # A finished run whose outputs are gone is launched again: the pipeline remakes them.
         missing.append(missing_outputs(run.workdir, results) if results is not None else [])
         rows.append(_row(run, "pending", None, command, None, None) if results is None or missing[-1]
                     else _row(run, "skipped", None, command, results, None))
+    # Bad flags or values stop the campaign here, not in every run after hours of work.
+    configs = []
+    for run, row in zip(runs, rows):
+        config = None
+        if row["status"] != "skipped":
+            config, _ = parse_run(flagfile, run.overrides, run.workdir)
+            config.validate()
+        configs.append(config)
 
     failures = 0
-    for index, (run, record, command) in enumerate(zip(runs, records, commands)):
+    for index, (run, record, config, command) in enumerate(zip(runs, records, configs, commands)):
         tag = f"[{index + 1}/{len(runs)}]"
         if rows[index]["status"] == "skipped":
             log(f"{tag} skip {run.name}: {RESULTS_FILE} exists")
             continue
         why = f" ({', '.join(missing[index])} missing)" if missing[index] else ""
         if dry_run:
-            log(f"{tag} would run{why}: {shlex.join(command)}")
+            log(f"{tag} would run{why}: {command}")
             continue
         os.makedirs(run.workdir, exist_ok=True)
         atomic_write_json(os.path.join(run.workdir, COMMAND_FILE), record)
         log_path = os.path.join(run.workdir, LOG_FILE)
         log(f"{tag} run {run.name}{why} (log: {log_path})")
         start = time.time()
-        returncode = launcher(command, log_path)
+        error = _launch(launcher, config, os.path.abspath(run.workdir), log_path, command)
         wall = time.time() - start
         results = read_json_or_none(os.path.join(run.workdir, RESULTS_FILE))
-        if returncode == 0 and results is not None:
-            rows[index] = _row(run, "ok", returncode, command, results, wall)
+        if error is None and results is None:
+            error = f"finished without writing {RESULTS_FILE}"
+        if error is None:
+            rows[index] = _row(run, "ok", None, command, results, wall)
         else:
             failures += 1
-            log(f"{tag} FAILED {run.name} (exit {returncode}); see {log_path}; "
-                f"it will be retried on the next invocation")
-            rows[index] = _row(run, "failed", returncode, command, None, wall)
+            log(f"{tag} FAILED {run.name} ({error}); see {log_path}; it will be retried on the next invocation")
+            rows[index] = _row(run, "failed", error, command, None, wall)
         if rows_dir is not None:
             write_rows(rows, rows_dir)
         if progress is not None:
@@ -387,12 +491,13 @@ def write_rows(rows, output_dir, stem="runs"):
                              for row in rows)
 
 
-def default_store_dir(output_dir, base_flags, extra):
-    """One IG/logit store shared by all runs of a campaign, unless the base flags pick one.
+def default_store_dir(output_dir, flagfile, extra):
+    """One IG/logit store shared by all runs of a campaign, unless the base flags or ``extra`` pick one.
 
     Arms without the overlay read a logits-only store beside it until it exists
     (:func:`kdig_tf.pipeline.ensure_store`).
     """
-    if "store_dir" in base_flags or "store_dir" in extra:
+    config, _ = parse_run(flagfile, extra)
+    if config.store_dir is not None:
         return {}
     return {"store_dir": os.path.abspath(os.path.join(output_dir, "store"))}

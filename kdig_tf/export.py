@@ -24,7 +24,8 @@ from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
 
 SIDECAR_FORMAT = "kdig_tf.tflite_sidecar"
 SIDECAR_VERSION = 1
-INPUT_KINDS = ("unit", "normalized")
+# unit: pixels / 255; normalized: (pixels / 255 - mean) / std; pixels: float pixels as they are.
+INPUT_KINDS = ("unit", "normalized", "pixels")
 IMAGE_CHANNELS = (1, 3)
 # Name of the TFLite metadata entry holding the labels (newline-separated UTF-8).
 LABELS_METADATA_NAME = "kdig_labels"
@@ -151,7 +152,8 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
     from the training split, e.g. with ``representative_from_split``); required for
     ``int8`` unless the model is quantisation-aware. ``int8_io`` makes the int8 model take
     and return int8 tensors instead of float ones. ``input_kind`` records what the model
-    expects: "unit" ([0,1] pixels) or "normalized" ((x - mean) / std, CIFAR-10 stats by default).
+    expects: "unit" ([0,1] pixels), "normalized" ((x - mean) / std, CIFAR-10 stats by default)
+    or "pixels" ([0, 255] floats, for a model that does its own preprocessing).
     """
     if mode not in CONVERSION_MODES:
         raise UnknownKeyError(f"unknown conversion mode {mode!r}; known: {sorted(CONVERSION_MODES)}")
@@ -214,13 +216,12 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
 
 
 def _normalisation(input_kind, mean, std, channels):
-    if input_kind == "unit":
+    if input_kind in ("unit", "pixels"):
         if mean is not None or std is not None:
             raise InvalidArgumentError("mean/std only apply to input_kind='normalized'")
         return None, None
     if mean is None and std is None:
-        from kdig_tf.data import CIFAR10_MEAN, CIFAR10_STD
-        mean, std = CIFAR10_MEAN, CIFAR10_STD
+        mean, std = models.CIFAR10_MEAN, models.CIFAR10_STD
     if mean is None or std is None:
         raise InvalidArgumentError("give both mean and std")
     mean = [float(value) for value in np.ravel(mean)]
@@ -442,12 +443,17 @@ def evaluate_tflite(path, images, labels, num_threads=None, batch_size=256):
 
     Large batches keep the interpreter busy: 5,000 CIFAR images take seconds, not minutes.
     """
+    from kdig_tf import benchmark
+
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).reshape(-1)
     if len(images) != len(labels) or len(images) == 0:
         raise ShapeMismatchError(f"{len(images)} images but {len(labels)} labels (need the same, > 0)")
     lite = TFLiteModel(path, num_threads=num_threads or os.cpu_count() or 1, max_batch=batch_size)
-    return 100.0 * float(np.mean(lite.predict(images).argmax(-1) == labels))
+    batches = ((images[start:start + batch_size], labels[start:start + batch_size])
+               for start in range(0, len(images), batch_size))
+    correct, count = benchmark.count_correct(lite.predict, batches)
+    return 100.0 * correct / count
 
 
 # What convert writes to describe the file itself; later additions may not change it.

@@ -11,10 +11,10 @@ while the sweep ran. Speed-up = reference latency / candidate latency (median an
 
 Latency does not depend on the weights, so the teacher and untrained candidates are
 random-weight models (int8 calibrated on random images). With ``train=True`` every candidate is a
-``scripts/distill.py`` run of the campaign runner (``kdig_tf.experiments``; finished runs
-are skipped); its exported .tflite files are timed, and each file's accuracy is measured
-on the run's validation split with LiteRT (int8 calibrated on the training split by
-distill.py). A candidate whose run has not finished is still timed, with random weights.
+distillation run of the campaign runner (``kdig_tf.experiments``: in this process, finished
+runs skipped); its exported .tflite files are timed, and each file's accuracy is measured
+on the run's validation split with LiteRT (int8 calibrated on the training split by the
+pipeline). A candidate whose run has not finished is still timed, with random weights.
 
 Input resolution is not swept: the distillation pipeline trains on 32x32 images only. The
 in-network equivalent is a stem stride of 2 (every block then runs on 16x16 and smaller maps);
@@ -42,7 +42,7 @@ ACCURACY_CACHE = "accuracy.json"
 TEACHER = "teacher"
 REFERENCE_MODE = "fp32"
 IMAGE_SHAPE = (32, 32, 3)
-# distill.py flags the sweep sets per candidate.
+# Distillation flags the sweep sets per candidate.
 SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes")
 
 
@@ -313,21 +313,17 @@ def random_tflite(model, path, mode, kind, num_calibration, seed):
 
 def tflite_accuracy(path, flags):
     """Top-1 accuracy (%) of a student .tflite on the run's validation split, and the count."""
-    import tensorflow as tf
+    from kdig_tf import data
 
-    from kdig_tf import data, export
-
-    raw, _ = data.load(flags.get("dataset") or "cifar10", flags["val_split"], flags.get("data_dir"))
-    model = export.TFLiteModel(path, num_threads=os.cpu_count() or 1, max_batch=256)
-    batches = raw.map(lambda image, label, _id: (data.preprocess_student(image), label),
-                      num_parallel_calls=tf.data.AUTOTUNE).batch(256)
-    correct = total = 0
-    for images, labels in batches.as_numpy_iterator():
-        correct += int(np.sum(model.predict(images).argmax(-1) == labels))
-        total += int(len(labels))
-    if total == 0:
-        raise InvalidArgumentError(f"validation split {flags['val_split']} is empty")
-    return {"accuracy": 100.0 * correct / total, "num_examples": total}
+    image_size = int(flags.get("image_size") or 0) or None
+    raw, _ = data.load(flags.get("dataset") or "cifar10", flags["val_split"], flags.get("data_dir"),
+                       image_size=image_size)
+    predict, preprocess = benchmark.tflite_predictor(path)
+    try:
+        scores = benchmark.evaluate_accuracy(predict, raw, preprocess)
+    except InvalidArgumentError as err:
+        raise InvalidArgumentError(f"validation split {flags['val_split']} is empty") from err
+    return {"accuracy": scores["accuracy"], "num_examples": scores["num_examples"]}
 
 
 def default_latency_fn(isolate=True):
@@ -340,15 +336,14 @@ def default_latency_fn(isolate=True):
 # --------------------------------------------------------------------------- the sweep
 
 def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_flags, final_report,
-                      launcher, script, dry_run, log):
-    """Launch (or skip) one distill.py run per candidate; returns rows and the val split."""
-    base = experiments.read_flagfile(flagfile) if flagfile else {}
+                      launcher, dry_run, log):
+    """Run (or skip) one distillation per candidate, in this process; returns rows and the val split."""
     extra = experiments.parse_extra_flags(extra_flags)
     clash = [name for name in SWEEP_FLAGS if name in extra]
     if clash:
         raise InvalidArgumentError(f"--extra_flags may not set {clash}: the sweep sets them per candidate")
-    splits = experiments.check_campaign_splits(base, extra, final_report)
-    common = dict(experiments.default_store_dir(output_dir, base, extra), **extra)
+    splits = experiments.check_campaign_splits(flagfile, extra, final_report)
+    common = dict(experiments.default_store_dir(output_dir, flagfile, extra), **extra)
     runs = []
     for name, keep, width, stride in grid:
         overrides = dict(common, keep_blocks=keep, width_multiplier=width, export_modes=",".join(modes))
@@ -357,8 +352,7 @@ def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_fla
         runs += experiments.seed_runs(os.path.join(output_dir, "runs"), [method], [seed], 1.0, overrides,
                                       {"candidate": name, "keep_blocks": keep, "width_multiplier": width,
                                        "stem_stride": stride}, subdir=name)
-    rows = experiments.run_campaign(runs, flagfile, launcher, script, dry_run=dry_run, log=log,
-                                    rows_dir=output_dir)
+    rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=dry_run, log=log, rows_dir=output_dir)
     return rows, splits["val_split"]
 
 
@@ -386,13 +380,13 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
                       num_runs=50,
                       target_speedup=10.0, num_calibration=128, random_seed=0, isolate=True, command=None,
                       teacher=None, latency_fn=None, accuracy_fn=tflite_accuracy,
-                      launcher=experiments.subprocess_launcher, script=experiments.DISTILL_SCRIPT, dry_run=False,
-                      log=print):
+                      launcher=experiments.distill_launcher, dry_run=False, log=print):
     """Time every candidate and the fp32 teacher; write latency_sweep.{json,md,png}; return the report.
 
     ``latency_fn(path, num_threads, warmup_runs, num_runs)`` -> benchmark latency dict;
     ``accuracy_fn(path, run_flags)`` -> {"accuracy": %, "num_examples": n} (train only);
-    ``teacher``: the Keras reference model (default: the CIFAR MobileNetV2, random weights).
+    ``teacher``: the Keras reference model (default: the CIFAR MobileNetV2, random weights);
+    ``launcher(config, workdir)`` trains one candidate (``train`` only; default: the pipeline, in-process).
     """
     keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
     widths = parse_widths(widths)
@@ -416,7 +410,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     run_rows, val_split = {}, None
     if train:
         rows, val_split = _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_flags,
-                                            final_report, launcher, script, dry_run, log)
+                                            final_report, launcher, dry_run, log)
         if dry_run:
             return None
         run_rows = {row["candidate"]: row for row in rows}

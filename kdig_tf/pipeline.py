@@ -24,7 +24,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from kdig_tf import data, distiller, loading, models, overlay, records
-from kdig_tf.errors import InvalidArgumentError, KdigError, NotAModelError, StaleRunError, UnknownKeyError
+from kdig_tf.errors import (InvalidArgumentError, KdigError, NotAModelError, ShapeMismatchError, StaleRunError,
+                            UnknownKeyError)
 from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
@@ -50,9 +51,9 @@ HISTORY = "history.csv"
 STUDENT = "student.h5"
 BACKUP = "backup"
 # Settings that do not change what is trained: a run may be continued or re-exported with other values.
-NON_TRAINING_FIELDS = ("verbose", "data_dir", "store_dir", "eval_split", "export_modes", "ig_max_batch")
+NON_TRAINING_FIELDS = ("verbose", "data_dir", "download", "store_dir", "eval_split", "export_modes", "ig_max_batch")
 # Training settings added after runs were recorded, with the value those runs had.
-FIELDS_ADDED_LATER = {"stem_stride": 1, "qat_epochs": 0, "qat_learning_rate": 1e-4, "prune_sparsity": 0.0,
+FIELDS_ADDED_LATER = {"stem_stride": 1, "student": "", "image_size": 0, "download": True, "qat_epochs": 0, "qat_learning_rate": 1e-4, "prune_sparsity": 0.0,
                       "prune_epochs": 1, "prune_learning_rate": 1e-4}
 # Outputs of the fine-tuning stages that follow the main training.
 QAT_WEIGHTS = "student_qat.weights.h5"
@@ -72,8 +73,11 @@ class DistillConfig:
     """Every setting of a run. Defaults are the paper's (arXiv 2503.13008)."""
     method: str = "kd_ig"
     teacher: str = "pretrained/teacher.h5"
+    student: str = ""
     dataset: str = "cifar10"
     data_dir: str = None
+    download: bool = True
+    image_size: int = 0
     train_split: str = "train[:45000]"
     val_split: str = "train[45000:]"
     eval_split: str = None
@@ -139,6 +143,13 @@ class DistillConfig:
             raise InvalidArgumentError(f"{self.method} reads no cached targets: cached_targets_order must be "
                                        "'aligned'")
         models.resolve_keep_blocks(self.keep_blocks)
+        if self.student and not models.is_model_file(self.student):
+            models.parse_student_spec(self.student)
+        if self.student and (self.keep_blocks, self.width_multiplier, self.stem_stride) != (14, 1.0, 1):
+            raise InvalidArgumentError("give the student either by --student or by --keep_blocks/--width_multiplier/"
+                                       "--stem_stride, not both")
+        if self.image_size < 0:
+            raise InvalidArgumentError(f"image_size must be >= 0, got {self.image_size}")
         if self.stem_stride not in models.STEM_STRIDES:
             raise InvalidArgumentError(f"stem_stride must be one of {models.STEM_STRIDES}, got {self.stem_stride}")
         if self.stem_stride != 1 and self.uses_at:
@@ -190,9 +201,16 @@ class DistillConfig:
 FIELD_HELP = {
     "method": "student | kd | ig | kd_ig | at | kd_at | ig_at | kd_ig_at | kd_online (the teacher runs on each "
               "augmented batch instead of its cached logits).",
-    "teacher": "Teacher weights: a tf-keras .h5/.keras model or a PyTorch .pt state dict.",
-    "dataset": "tfds dataset name.",
+    "teacher": "Teacher: any Keras classifier taking pixels in [0, 255] (.keras, .h5 or a SavedModel dir), or "
+               "a kdig_tf/authors' MobileNetV2 (.h5, .pt), which is given its CIFAR normalisation.",
+    "student": "Student: a built-in spec such as mobilenetv2:keep=14,width=1.0,stem_stride=1, or a Keras model file "
+               "whose architecture is trained from a fresh initialisation. Empty: mobilenetv2 from --keep_blocks, "
+               "--width_multiplier and --stem_stride.",
+    "dataset": "Any tfds name, or folder:PATH (one subfolder of images per class; ids are the relative paths).",
     "data_dir": "tfds data_dir (default: $TFDS_DATA_DIR).",
+    "download": "Download and prepare a tfds dataset that is not prepared in data_dir (prepared data is never "
+                "downloaded again, so this works offline).",
+    "image_size": "Resize every image to image_size x image_size (0: keep the dataset's size).",
     "train_split": "Split the student trains on (the store covers it).",
     "val_split": "Validation split: the only one used for selection.",
     "eval_split": "Optional extra split to report (e.g. a final test report).",
@@ -239,13 +257,48 @@ FIELD_HELP = {
 
 
 def load_teacher(path, num_classes=None):
+    """The teacher as a pixel model (``kdig_tf.models``): any classifier file, legacy ones wrapped."""
     if not path or not os.path.exists(path):
         raise TeacherNotFoundError(f"no teacher at {path!r}: {TEACHER_HELP}")
-    teacher = loading.load_model(path, arch="teacher" if not str(path).endswith(".pt") else None,
-                                 num_classes=num_classes)
-    if loading.input_kind(teacher) != "normalized":
-        raise InvalidArgumentError(f"{path} is a student, not a teacher (it expects [0,1] inputs)")
-    return teacher
+    return loading.load_pixel_model(path, arch="teacher" if str(path).endswith(".h5") else None,
+                                    num_classes=num_classes)
+
+
+def load_split(config, split):
+    """(examples, info) of one split of config's dataset, at config's image size."""
+    return data.load(config.dataset, split, config.data_dir, download=config.download,
+                     image_size=config.image_size or None)
+
+
+def build_student_model(config, num_classes, image_shape):
+    """The untrained student of ``config`` as a pixel model, seeded by the global seed.
+
+    ``--student`` is a built-in spec or a Keras model file whose architecture is re-initialised;
+    without it, the MobileNetV2 of ``keep_blocks``/``width_multiplier``/``stem_stride``.
+    """
+    if config.student and models.is_model_file(config.student):
+        architecture = loading.load_pixel_model(config.student, num_classes=None)
+        student = models.fresh_copy(architecture)
+        if student.output_shape[-1] != num_classes:
+            raise ShapeMismatchError(f"{config.student} has {student.output_shape[-1]} outputs, {config.dataset} "
+                                     f"has {num_classes} classes")
+        if tuple(student.input_shape[1:]) != tuple(image_shape):
+            raise ShapeMismatchError(f"{config.student} takes {tuple(student.input_shape[1:])} images, the data are "
+                                     f"{tuple(image_shape)} (see --image_size)")
+        return student
+    if config.student:
+        spec = models.parse_student_spec(config.student)
+    else:
+        spec = models.StudentSpec("mobilenetv2", (("keep", config.keep_blocks), ("stem_stride", config.stem_stride),
+                                                  ("width", config.width_multiplier)))
+    return models.with_preprocessing(spec.build_core(num_classes, tuple(image_shape)), spec.input_spec)
+
+
+def data_image_shape(info, config):
+    shape = data.image_shape(info, config.image_size or None)
+    if None in shape:
+        raise InvalidArgumentError(f"{config.dataset} has images of varying size: give --image_size")
+    return tuple(int(dim) for dim in shape)
 
 
 def logits_store_dir(store_dir):
@@ -263,18 +316,19 @@ def ensure_store(config, teacher, store_dir, progress=True, teacher_hash=None):
     """
     teacher_hash = teacher_hash or records.weights_fingerprint(teacher)
     if config.uses_ig or os.path.exists(os.path.join(store_dir, records.MANIFEST)):
-        targets = records.TeacherTargets(teacher, steps=config.ig_steps, method=config.ig_method,
-                                         baseline=config.ig_baseline, max_batch=config.ig_max_batch)
+        targets = records.TeacherTargets.for_model(teacher, steps=config.ig_steps, method=config.ig_method,
+                                                   baseline=config.ig_baseline, max_batch=config.ig_max_batch)
         map_encoding = config.map_encoding
     else:
-        targets = records.TeacherTargets(teacher, with_maps=False)
+        targets = records.TeacherTargets.for_model(teacher, with_maps=False)
         store_dir, map_encoding = logits_store_dir(store_dir), records.NO_MAPS
+    image_size = config.image_size or None
     expected = records.store_settings(config.dataset, config.train_split, teacher_hash, targets.settings(),
-                                      map_encoding)
+                                      map_encoding, image_size=image_size)
     if not os.path.exists(os.path.join(store_dir, records.MANIFEST)):
         records.precompute_store(store_dir, targets, teacher_hash, config.dataset, config.train_split,
                                  config.data_dir, examples_per_shard=config.examples_per_shard,
-                                 map_encoding=map_encoding, progress=progress)
+                                 map_encoding=map_encoding, progress=progress, image_size=image_size)
     return records.Store(store_dir, expected=expected)
 
 
@@ -341,29 +395,49 @@ def _optimizer(config, steps_per_epoch):
     return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
 
 
-def evaluate_student(student, dataset, split, data_dir, batch_size=256):
-    raw, _ = data.load(dataset, split, data_dir)
-    ds = data.classification_dataset(raw, data.preprocess_student, batch_size, cache=False)
-    student.compile(metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    results = student.evaluate(ds, verbose=0, return_dict=True)
-    return 100.0 * float(results["accuracy"]), data.count_examples(raw)
+def evaluate_student(student_model, config, split):
+    """(accuracy in percent, number of examples) of a pixel model on one split."""
+    from kdig_tf import benchmark
+
+    raw, _ = load_split(config, split)
+    scores = benchmark.evaluate_accuracy(benchmark.keras_predictor(student_model), raw)
+    return scores["accuracy"], scores["num_examples"]
+
+
+def distiller_batches(ds):
+    """Pipeline batches -> the Distiller's ``({"images", ["teacher_logits",] "example_id"}, labels)``.
+
+    Takes ``(images, labels, ids)`` (plain pipeline) or ``(images, labels, logits, ids)`` (store).
+    """
+    def to_inputs(images, labels, *rest):
+        inputs = {distiller.IMAGES: images, distiller.EXAMPLE_ID: rest[-1]}
+        if len(rest) == 2:
+            inputs[distiller.TEACHER_LOGITS] = rest[0]
+        return inputs, labels
+    return ds.map(to_inputs)
 
 
 def validation_dataset(val_raw, teacher=None, batch_size=256):
-    """Batches of (student_input, label[, teacher_logits]) for the validation split.
+    """Batches of ``({"images"[, "teacher_logits"]}, labels)`` for the validation split, [0, 1] images.
 
-    With a teacher, its logits are computed once here, in the same pass as the images, so
-    validation reports the real KD term instead of zero and cannot misalign them.
+    With a teacher (a pixel model), its logits are computed once here, in the same pass as the
+    images, so validation reports the real KD term instead of zero and cannot misalign them.
     """
-    if teacher is None:
-        return data.classification_dataset(val_raw, data.preprocess_student, batch_size)
-    inputs, labels, logits = [], [], []
+    pixels, labels, logits = [], [], []
+    if teacher is not None:
+        core, spec = models.split_preprocessing(loading.as_pixel_model(teacher))
     for images, batch_labels, _ in val_raw.batch(batch_size):
-        inputs.append(data.preprocess_student(images).numpy())
+        pixels.append(images.numpy())
         labels.append(batch_labels.numpy())
-        logits.append(teacher(data.preprocess_teacher(images), training=False).numpy())
-    return tf.data.Dataset.from_tensor_slices(
-        (np.concatenate(inputs), np.concatenate(labels), np.concatenate(logits))).batch(batch_size)
+        if teacher is not None:
+            logits.append(core(spec.from_pixels(images), training=False).numpy())
+    features = {distiller.IMAGES: np.concatenate(pixels)}
+    if teacher is not None:
+        features[distiller.TEACHER_LOGITS] = np.concatenate(logits)
+
+    def to_unit(batch, batch_labels):
+        return dict(batch, **{distiller.IMAGES: data.to_unit_range(batch[distiller.IMAGES])}), batch_labels
+    return tf.data.Dataset.from_tensor_slices((features, np.concatenate(labels))).batch(batch_size).map(to_unit)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -417,7 +491,8 @@ def claim_workdir(workdir, settings):
     except (OSError, ValueError) as err:
         raise StaleRunError(f"{path} is unreadable ({err}); use a new --workdir or delete it") from err
     # A run recorded before a setting existed was trained with that setting's default.
-    recorded = dict(FIELDS_ADDED_LATER, **recorded)
+    recorded = dict({key: value for key, value in FIELDS_ADDED_LATER.items() if key not in NON_TRAINING_FIELDS},
+                    **recorded)
     changes = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
                for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
     if changes:
@@ -433,6 +508,24 @@ def _finished_results(workdir, config):
     return results if dict(FIELDS_ADDED_LATER, **results["flags"]) == dataclasses.asdict(config) else None
 
 
+def _distiller(config, teacher, student_model):
+    """The Distiller of ``config``'s method; attention transfer layers by flag or by matching sizes."""
+    alpha, _, gamma = config.effective()
+    at_layers = None
+    if config.at_teacher_layer and config.at_student_layer:
+        at_layers = (config.at_teacher_layer, config.at_student_layer)
+    return distiller.paper_distiller(teacher, student_model, alpha, config.temperature, gamma, at_layers)
+
+
+def _teacher_params(config, teacher):
+    """The teacher's trainable parameters (the compression factor's numerator), None without a teacher."""
+    if teacher is None:
+        if not config.teacher or not os.path.exists(config.teacher):
+            return None
+        teacher = load_teacher(config.teacher)
+    return models.count_trainable_params(teacher)
+
+
 def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     """Run one distillation end to end and return the results dict (also in results.json).
 
@@ -443,12 +536,13 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     finished = _finished_results(workdir, config)
     if finished is not None:
         return _reexport_if_missing(finished, config, workdir)
-    if config.qat_epochs > 0:
-        check_qat_supported(config)  # before the seed is set below, so training draws the same numbers
     keras.utils.set_random_seed(config.seed)
     alpha, p, gamma = config.effective()
-    _, info = data.load(config.dataset, config.val_split, config.data_dir)  # fail early on bad data
+    _, info = load_split(config, config.val_split)  # fail early on bad data
     num_classes = data.num_classes(info)
+    image_shape = data_image_shape(info, config)
+    if config.qat_epochs > 0:
+        check_qat_supported(config, num_classes, image_shape)  # the student is seeded again before it is built
     started = time.time()
 
     teacher = None
@@ -465,7 +559,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress,
                              teacher_hash)
     store_seconds = time.time() - started
-    raw_train = None if store is not None else data.load(config.dataset, config.train_split, config.data_dir)[0]
+    raw_train = None if store is not None else load_split(config, config.train_split)[0]
     keep = _subset_keep(config, store, raw_train)
 
     if store is not None:
@@ -473,13 +567,13 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     else:
         num_train = data.count_examples(raw_train) if keep is None else len(keep)
     steps_per_epoch = -(-num_train // config.batch_size)
-    val_raw, _ = data.load(config.dataset, config.val_split, config.data_dir)
+    val_raw, _ = load_split(config, config.val_split)
     student_path = os.path.join(workdir, STUDENT)
     history_path = os.path.join(workdir, HISTORY)
     backup_dir = os.path.join(workdir, BACKUP)
 
     if os.path.exists(student_path):  # trained by an earlier call with these settings (checked above)
-        student = loading.load_model(student_path)
+        student_model = loading.load_pixel_model(student_path)
     else:
         if not holds_files(backup_dir) and os.path.exists(history_path):
             os.remove(history_path)  # epochs logged by a run that left no checkpoint cannot be resumed
@@ -494,22 +588,18 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         else:
             train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep, epochs=config.epochs,
                                               initial_epoch=first_epoch)
-            if config.teacher_online:  # (input, label): the Distiller then asks the teacher
-                train_ds = train_ds.map(lambda inputs, labels, ids: (inputs, labels))
+        # Without cached logits in a batch the Distiller asks the teacher (kd_online).
+        train_ds = distiller_batches(train_ds)
         val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
         # Reseeded here because loading the teacher and building the store consume random
         # ops: every arm of a campaign then starts from the same weights for the same seed
         # (and sees the same batches), so arms can be compared seed by seed.
         keras.utils.set_random_seed(config.seed)
-        student = models.build_student(config.keep_blocks, num_classes=num_classes,
-                                       width_multiplier=config.width_multiplier, stem_stride=config.stem_stride)
-        at_loss = None
-        if gamma > 0:
-            at_loss = distiller.AttentionTransferLoss(gamma, config.at_teacher_layer, config.at_student_layer)
-        model = distiller.Distiller(student, teacher if gamma > 0 or config.teacher_online else None,
-                                    distiller.KDLoss(alpha, config.temperature), at_loss)
+        model = _distiller(config, teacher if gamma > 0 or config.teacher_online else None,
+                           build_student_model(config, num_classes, image_shape))
+        student_model = model.student_model
         model.compile(optimizer=_optimizer(config, steps_per_epoch))
-        model(tf.zeros((1,) + tuple(student.input_shape[1:])))  # BackupAndRestore needs a built model
+        model(tf.zeros((1,) + tuple(model.student.input_shape[1:])))  # BackupAndRestore needs a built model
         # Order matters. The timer writes into the logs CSVLogger reads. An epoch is logged
         # before it is backed up, so a kill in between makes a duplicate row (read_epoch_log
         # keeps the later one), never a missing one. The student is saved before
@@ -519,14 +609,18 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   callbacks=callbacks, verbose=config.verbose if progress else 0)
     history = read_epoch_log(history_path)
-    val_accuracy, num_val = evaluate_student(student, config.dataset, config.val_split, config.data_dir)
+    val_accuracy, num_val = evaluate_student(student_model, config, config.val_split)
+    student_params = models.count_trainable_params(student_model)
+    teacher_params = _teacher_params(config, teacher)
     results = {
         "method": config.method, "seed": config.seed,
         "val_accuracy": val_accuracy, "val_split": config.val_split, "num_val": num_val,
         "effective": {"alpha": alpha, "p": p, "gamma": gamma},
-        "trainable_params": models.count_trainable_params(student),
-        "teacher_params": models.TEACHER_PARAMS,
-        "compression": models.TEACHER_PARAMS / models.count_trainable_params(student),
+        "trainable_params": student_params,
+        "teacher_params": teacher_params,
+        "compression": None if teacher_params is None else teacher_params / student_params,
+        "student_model": student_model.name,
+        "image_shape": list(image_shape),
         "num_train": num_train,
         # Summed over epochs, across restarts; the store is timed apart (this process only).
         "train_seconds": float(np.nansum(history.get("epoch_seconds", [np.nan]))),
@@ -540,13 +634,13 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         "flags": dataclasses.asdict(config),
     }
     if config.eval_split:
-        results["eval_accuracy"], results["num_eval"] = evaluate_student(
-            student, config.dataset, config.eval_split, config.data_dir)
+        results["eval_accuracy"], results["num_eval"] = evaluate_student(student_model, config, config.eval_split)
         results["eval_split"] = config.eval_split
-    val = validation_arrays(val_raw, config.val_split)
-    results["tflite"] = _export(student, config, workdir, val_raw, info, val=val)
-    source = TrainingSource(config, teacher, store, raw_train, keep, steps_per_epoch, progress)
-    exports, stages = _compression_stages(student, config, workdir, val, info, source)
+    student, spec = models.split_preprocessing(student_model)
+    val = validation_arrays(val_raw, config.val_split, spec)
+    results["tflite"] = _export(student, spec, config, workdir, info, val=val)
+    source = TrainingSource(config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress)
+    exports, stages = _compression_stages(student, spec, config, workdir, val, info, source)
     results["tflite"].update(exports)
     results.update(stages)
     atomic_write_json(os.path.join(workdir, RESULTS), results)
@@ -566,21 +660,21 @@ def _reexport_if_missing(results, config, workdir):
     student_path = os.path.join(workdir, STUDENT)
     if not os.path.isfile(student_path):
         raise NotAModelError(f"{workdir} has results but no {STUDENT}: delete the workdir to retrain")
-    val_raw, info = data.load(config.dataset, config.val_split, config.data_dir)
-    val = validation_arrays(val_raw, config.val_split)
-    student = loading.load_model(student_path)
+    val_raw, info = load_split(config, config.val_split)
+    student, spec = models.split_preprocessing(loading.load_pixel_model(student_path))
+    val = validation_arrays(val_raw, config.val_split, spec)
     tflite = dict(results.get("tflite") or {})
     if not all(os.path.isfile(os.path.join(workdir, name)) for name in plain):
-        tflite.update(_export(student, config, workdir, val_raw, info, val=val))
-    exports, stages = _compression_stages(student, config, workdir, val, info, source=None)
+        tflite.update(_export(student, spec, config, workdir, info, val=val))
+    exports, stages = _compression_stages(student, spec, config, workdir, val, info, source=None)
     results = dict(results, tflite=dict(tflite, **exports), **stages)
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 
 
-def validation_arrays(val_raw, split, batch_size=256):
-    """The whole validation split, preprocessed for the student: {"images", "labels", "split"}."""
-    batches = val_raw.map(lambda image, label, _: (data.preprocess_student(image), label),
+def validation_arrays(val_raw, split, spec, batch_size=256):
+    """The whole validation split as the input of the network behind ``spec``: {"images", "labels", "split"}."""
+    batches = val_raw.map(lambda image, label, _: (spec.from_pixels(image), label),
                           num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
     images, labels = [], []
     for image_batch, label_batch in batches.as_numpy_iterator():
@@ -591,27 +685,31 @@ def validation_arrays(val_raw, split, batch_size=256):
     return {"images": np.concatenate(images), "labels": np.concatenate(labels), "split": split}
 
 
-def _representative(config):
+def _representative(config, spec):
     """int8 calibration images, from the training split (exports are checked on validation ones)."""
     from kdig_tf import export
 
-    train_raw, _ = data.load(config.dataset, config.train_split, config.data_dir)
-    return export.representative_from_split(train_raw, data.preprocess_student, n=256)
+    train_raw, _ = load_split(config, config.train_split)
+    return export.representative_from_split(train_raw, spec.from_pixels, n=256)
 
 
-def _export(student, config, workdir, val_raw, info, check_images=512, val=None):
+def _convert(student, spec, path, mode, info, representative=None):
+    """Export the network behind the student's preprocessing; the sidecar says how to feed it."""
+    from kdig_tf import export
+
+    return export.convert(student, path, mode, representative_images=representative if mode == "int8" else None,
+                          input_kind=spec.space, mean=spec.mean, std=spec.std, labels=data.class_names(info))
+
+
+def _export(student, spec, config, workdir, info, check_images=512, val=None):
     """Convert to every requested mode, check each file against the Keras student and score it."""
     if not config.modes():
         return {}
-    from kdig_tf import export
-
-    val = validation_arrays(val_raw, config.val_split) if val is None else val
-    representative = _representative(config) if "int8" in config.modes() else None
+    representative = _representative(config, spec) if "int8" in config.modes() else None
     exported = {}
     for mode in config.modes():
         path = os.path.join(workdir, f"student_{mode}.tflite")
-        export.convert(student, path, mode, representative_images=representative if mode == "int8" else None,
-                       input_kind="unit", labels=data.class_names(info))
+        _convert(student, spec, path, mode, info, representative)
         exported[mode] = score_export(student, path, val, check_images)
     return exported
 
@@ -668,12 +766,12 @@ def stage_seed(seed, stage):
     return int(np.random.SeedSequence([seed, {"qat": 1, "prune": 2}[stage]]).generate_state(1)[0] % 2**31)
 
 
-def check_qat_supported(config):
-    """Raise UnsupportedLayerError if tfmot cannot wrap this config's student for QAT."""
+def check_qat_supported(config, num_classes, image_shape):
+    """Raise UnsupportedLayerError if tfmot cannot wrap this config's student network for QAT."""
     from kdig_tf import export
 
-    export.quantize_aware(models.build_student(config.keep_blocks, width_multiplier=config.width_multiplier,
-                                               stem_stride=config.stem_stride))
+    student, _ = models.split_preprocessing(build_student_model(config, num_classes, image_shape))
+    export.quantize_aware(student)
 
 
 class TrainingSource:
@@ -684,8 +782,8 @@ class TrainingSource:
     transfer is left out: tfmot's wrappers rename the layers it reads.
     """
 
-    def __init__(self, config, teacher, store, raw_train, keep, steps_per_epoch, progress=True):
-        self.config, self.teacher, self.store = config, teacher, store
+    def __init__(self, config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress=True):
+        self.config, self.teacher, self.store, self.spec = config, teacher, store, spec
         self.raw_train, self.keep = raw_train, keep
         self.steps_per_epoch, self.progress = steps_per_epoch, progress
 
@@ -699,16 +797,16 @@ class TrainingSource:
                 seed=seed, paper_mode=config.paper_overlay, cached_targets_order=config.cached_targets_order,
                 keep_indices=self.keep, epochs=epochs)
         else:
-            # Drop the ids: the Distiller reads a third element as cached teacher logits.
-            ds = plain_training_dataset(self.raw_train, config.batch_size, seed, self.keep, epochs=epochs).map(
-                lambda inputs, labels, ids: (inputs, labels))
+            ds = plain_training_dataset(self.raw_train, config.batch_size, seed, self.keep, epochs=epochs)
+        ds = distiller_batches(ds)
         return ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch * epochs))
 
     def fit(self, model, dataset, epochs, learning_rate, callbacks=()):
-        """Train ``model`` in place on ``dataset`` (from :meth:`dataset`) with the run's KD loss."""
+        """Train the network ``model`` in place on ``dataset`` (from :meth:`dataset`) with the run's KD loss."""
         alpha = self.config.effective()[0]
         teacher = self.teacher if alpha > 0 and self.config.teacher_online else None  # else logits are cached
-        trainer = distiller.Distiller(model, teacher, distiller.KDLoss(alpha, self.config.temperature))
+        model = models.with_preprocessing(model, self.spec)
+        trainer = distiller.paper_distiller(teacher, model, alpha, self.config.temperature)
         trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
         trainer.fit(dataset, epochs=epochs, steps_per_epoch=self.steps_per_epoch, callbacks=list(callbacks),
                     verbose=self.config.verbose if self.progress else 0)
@@ -720,7 +818,7 @@ def _need_training(source, workdir, name):
         raise NotAModelError(f"{workdir} has results but no {name}: delete the workdir to retrain")
 
 
-def _compression_stages(student, config, workdir, val, info, source=None):
+def _compression_stages(student, spec, config, workdir, val, info, source=None):
     """Run the QAT and pruning stages config asks for; return (results["tflite"] entries, results entries).
 
     An export already scored is kept; a fine-tuned model on disk is re-exported, not
@@ -728,16 +826,16 @@ def _compression_stages(student, config, workdir, val, info, source=None):
     """
     exports, stages = {}, {}
     if config.qat_epochs > 0:
-        exports["qat_int8"] = _qat_stage(student, config, workdir, val, info, source)
+        exports["qat_int8"] = _qat_stage(student, spec, config, workdir, val, info, source)
         stages["qat"] = exports["qat_int8"]["qat"]
     if config.prune_sparsity > 0:
-        for mode, entry in _pruning_stage(student, config, workdir, val, info, source).items():
+        for mode, entry in _pruning_stage(student, spec, config, workdir, val, info, source).items():
             exports[f"pruned_{mode}"] = entry
         stages["pruning"] = exports["pruned_fp32"]["pruning"]
     return exports, stages
 
 
-def _qat_stage(student, config, workdir, val, info, source):
+def _qat_stage(student, spec, config, workdir, val, info, source):
     from kdig_tf import export
 
     path = os.path.join(workdir, QAT_TFLITE)
@@ -756,13 +854,13 @@ def _qat_stage(student, config, workdir, val, info, source):
         with atomic_path(weights) as tmp:
             qat.save_weights(tmp)
     # Learned fake-quant ranges replace calibration data.
-    export.convert(qat, path, "int8", input_kind="unit", labels=data.class_names(info))
+    _convert(qat, spec, path, "int8", info)
     record = {"epochs": config.qat_epochs, "learning_rate": config.qat_learning_rate, "seed": seed,
               "weights_path": os.path.abspath(weights)}
     return score_export(qat, path, val, qat=record)
 
 
-def _pruning_stage(student, config, workdir, val, info, source):
+def _pruning_stage(student, spec, config, workdir, val, info, source):
     from kdig_tf import export
 
     modes = _pruned_modes(config)
@@ -791,9 +889,8 @@ def _pruning_stage(student, config, workdir, val, info, source):
     record = {"target_sparsity": config.prune_sparsity, "sparsity": export.sparsity(pruned),
               "epochs": config.prune_epochs, "learning_rate": config.prune_learning_rate, "seed": seed,
               "student_path": os.path.abspath(model_path)}
-    representative = _representative(config) if "int8" in todo else None
+    representative = _representative(config, spec) if "int8" in todo else None
     for mode in todo:
-        export.convert(pruned, paths[mode], mode, representative_images=representative if mode == "int8" else None,
-                       input_kind="unit", labels=data.class_names(info))
+        _convert(pruned, spec, paths[mode], mode, info, representative)
         entries[mode] = score_export(pruned, paths[mode], val, pruning=record)
     return entries

@@ -75,18 +75,23 @@ def weights_fingerprint(model):
     return digest.hexdigest()
 
 
-def store_settings(dataset, split, teacher_hash, ig_settings, map_encoding="float16"):
+def store_settings(dataset, split, teacher_hash, ig_settings, map_encoding="float16", image_size=None):
     """Everything a store depends on. A reader's request must match it exactly.
 
     ``ig_settings`` is None exactly when ``map_encoding`` is ``"none"`` (a logits-only store).
+    ``image_size`` is recorded only when images are resized, so earlier stores still match.
     """
     if map_encoding not in MAP_ENCODINGS:
         raise InvalidArgumentError(f"map_encoding must be one of {MAP_ENCODINGS}, got {map_encoding!r}")
     if (ig_settings is None) != (map_encoding == NO_MAPS):
         raise InvalidArgumentError(f"map_encoding {map_encoding!r} needs IG settings exactly when it stores maps, "
                                    f"got {ig_settings!r}")
-    return {"version": STORE_VERSION, "dataset": dataset, "split": split, "teacher_sha256": teacher_hash,
-            "ig": None if ig_settings is None else dict(ig_settings), "map_encoding": map_encoding}
+    settings = {"version": STORE_VERSION, "dataset": dataset, "split": split, "teacher_sha256": teacher_hash,
+                "ig": None if ig_settings is None else dict(ig_settings), "map_encoding": map_encoding}
+    if image_size:
+        settings["image_size"] = [int(image_size), int(image_size)] if np.isscalar(image_size) else \
+            [int(value) for value in image_size]
+    return settings
 
 
 def shard_name(shard_id, num_shards):
@@ -237,7 +242,7 @@ class TeacherTargets:
 
 def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10", split="train",
                      data_dir=None, examples_per_shard=2500, batch_size=64, shard_index=0, num_workers=1,
-                     map_encoding="float16", progress=True):
+                     map_encoding="float16", progress=True, image_size=None):
     """Write the shards this worker owns, skipping finished ones. Returns the settings dict.
 
     With ``num_workers == 1`` the manifest is finalised at the end; otherwise run
@@ -247,11 +252,11 @@ def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10"
         raise InvalidArgumentError("examples_per_shard and batch_size must be >= 1")
     if not 0 <= shard_index < num_workers:
         raise InvalidArgumentError(f"shard_index must be in [0, {num_workers}), got {shard_index}")
-    ds, _ = data.load(dataset, split, data_dir)  # a subset is a split slice, e.g. train[:2000]
+    ds, _ = data.load(dataset, split, data_dir, image_size=image_size)  # a subset is a split slice, e.g. train[:2000]
     total = data.count_examples(ds)
     if total == 0:
         raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")
-    settings = store_settings(dataset, split, teacher_hash, teacher_targets.settings(), map_encoding)
+    settings = store_settings(dataset, split, teacher_hash, teacher_targets.settings(), map_encoding, image_size)
     settings["num_examples"] = total
     settings["image_shape"] = [int(d) for d in ds.element_spec[0].shape]
     settings["num_classes"] = int(teacher_targets.teacher.output_shape[-1])

@@ -1,10 +1,11 @@
-"""Ablation: every method x every seed through scripts/distill.py, then statistics.
+"""Ablation: every method x every seed, each a distillation run in this process, then statistics.
 
     python scripts/ablation.py --flagfile_base=flags/paper.cfg --methods=student,kd,ig,kd_ig \
         --num_seeds=10 --output_dir=results/ablation
 
-Each run lives in ``<output_dir>/runs/<method>/seed<k>``; finished runs are skipped and
-failed ones retried, so rerunning the same command resumes the campaign. Methods are
+Each run lives in ``<output_dir>/runs/<method>/seed<k>`` and is trained by the pipeline behind
+``scripts/distill.py``, in this process, its output in the run's ``log.txt``. Finished runs are
+skipped and failed ones retried, so rerunning the same command resumes the campaign. Methods are
 distill.py's ``--method`` values; ``<method>_shuffled`` (e.g. ``kd_ig_shuffled``) is the
 misalignment control: ``--method=<method> --cached_targets_order=shuffled``.
 
@@ -13,7 +14,7 @@ subset k (``--subset_seed=k``), the same subset for every method.
 
 Writes ``runs.csv`` / ``runs.json`` (every run), ``summary.json`` / ``summary.md`` (per method
 n, mean ± sd, min, max of validation accuracy; Welch's t-test, Cohen's d, Hedges' g and the
-mean difference with its 95 % CI against ``--reference``; the exact commands) and
+mean difference with its 95 % CI against ``--reference``; the distill.py command of each run) and
 ``ablation.png``. Splits named ``test`` are refused unless ``--final_report``.
 
 Per-run flags go through ``--extra_flags``, e.g. ``--extra_flags="--epochs=30 --export_modes="``
@@ -32,7 +33,8 @@ from absl import app, flags
 from kdig_tf import campaigns, experiments, reports
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
+flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
+                    "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_list("methods", ["student", "kd", "ig", "kd_ig"],
                   "Arms: distill --method values, or <method>_shuffled for the misaligned-targets control.")
 flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2 (overrides --num_seeds).")
@@ -42,10 +44,9 @@ flags.DEFINE_float("subset_fraction", 1.0, "< 1: each seed trains on its own str
 flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epochs=5 --batch_size=64\".")
 flags.DEFINE_string("reference", "student", "Arm every other arm is tested against.")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation, never for tuning).")
-flags.DEFINE_bool("dry_run", False, "Print the commands of unfinished runs; launch nothing.")
+flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished runs; launch nothing.")
 flags.DEFINE_bool("report_only", False,
                   "Launch nothing; rewrite runs.csv, summary.{json,md} and the plot from the finished runs.")
-flags.DEFINE_string("distill_script", experiments.DISTILL_SCRIPT, "The training script to run.")
 
 
 def main(argv):
@@ -61,8 +62,7 @@ def _ablation():
     summary = campaigns.run_ablation(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
         subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, reference=FLAGS.reference,
-        final_report=FLAGS.final_report, script=FLAGS.distill_script, dry_run=FLAGS.dry_run,
-        report_only=FLAGS.report_only)
+        final_report=FLAGS.final_report, dry_run=FLAGS.dry_run, report_only=FLAGS.report_only)
     if summary is not None:
         print(reports.arms_markdown(summary["arms"], summary["reference"], "val acc"))
         print(f"written: {os.path.join(FLAGS.output_dir, 'summary.md')}")

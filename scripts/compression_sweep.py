@@ -4,10 +4,11 @@
         --keep_blocks=16,14,12,10,8,6,4,2 --methods=student,kd,kd_ig --seeds=0,1,2 \
         --output_dir=results/compression_sweep
 
-Each run lives in ``<output_dir>/runs/k<keep_blocks>/<method>/seed<s>`` (finished runs are
-skipped, failed ones retried). For every size, one finished student is converted to fp32
-TFLite (or distill.py's fp32 export is reused) and timed with ``kdig_tf.benchmark`` at
-batch 1 on 1 thread; latency depends on the architecture, not the weights. Latencies are
+Each run is a distillation in this process, in
+``<output_dir>/runs/k<keep_blocks>/<method>/seed<s>`` (output in its ``log.txt``; finished runs
+are skipped, failed ones retried). For every size, one finished student is converted to fp32
+TFLite (or the run's fp32 export is reused) and timed with ``kdig_tf.benchmark`` at batch 1 on
+1 thread; latency depends on the architecture, not the weights. Latencies are
 cached in ``latency.json``; delete it to measure again (e.g. on an idle machine). Only fp32
 is needed, so ``--extra_flags=--export_modes=fp32`` saves each run the int8 export that
 ``flags/paper.cfg`` asks for.
@@ -25,7 +26,8 @@ from absl import app, flags
 from kdig_tf import campaigns, experiments
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
+flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
+                    "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_list("keep_blocks", ["16", "14", "12", "10", "8", "6", "4", "2"], "Student sizes (feature modules kept).")
 flags.DEFINE_list("methods", ["student", "kd", "kd_ig"], "Arms (distill --method values or <method>_shuffled).")
 flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2 (overrides --num_seeds).")
@@ -37,8 +39,7 @@ flags.DEFINE_bool("latency", True, "Measure fp32 TFLite latency (batch 1, 1 thre
 flags.DEFINE_integer("warmup_runs", 5, "Latency: untimed warmup invocations.")
 flags.DEFINE_integer("num_runs", 50, "Latency: timed invocations.")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation).")
-flags.DEFINE_bool("dry_run", False, "Print the commands of unfinished runs; launch nothing.")
-flags.DEFINE_string("distill_script", experiments.DISTILL_SCRIPT, "The training script to run.")
+flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished runs; launch nothing.")
 
 
 def main(argv):
@@ -58,8 +59,7 @@ def _sweep():
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.keep_blocks, FLAGS.methods, seeds,
         extra_flags=FLAGS.extra_flags, reference=FLAGS.reference, final_report=FLAGS.final_report,
         latency_fn=campaigns.measure_student_latency if FLAGS.latency else None,
-        warmup_runs=FLAGS.warmup_runs, num_runs=FLAGS.num_runs, script=FLAGS.distill_script,
-        dry_run=FLAGS.dry_run)
+        warmup_runs=FLAGS.warmup_runs, num_runs=FLAGS.num_runs, dry_run=FLAGS.dry_run)
     if report is not None:
         print(f"written: {os.path.join(FLAGS.output_dir, 'sweep.md')}")
 

@@ -42,42 +42,6 @@ def main(argv):
             batch_size=FLAGS.batch_size, limit=FLAGS.limit, output_json=FLAGS.output_json)
 
 
-def evaluate(predict, ds, preprocess, batch_size, total=None, progress=True):
-    """Return (num_correct, num_examples) of ``predict`` on a (image, label, id) dataset.
-
-    ``predict`` maps a float batch [N,H,W,C] to logits or probabilities [N, classes].
-    """
-    import numpy as np
-    import tensorflow as tf
-    from tqdm import tqdm
-
-    from kdig_tf.errors import ShapeMismatchError
-
-    batches = (ds.map(lambda image, label, _id: (preprocess(image), label),
-                      num_parallel_calls=tf.data.AUTOTUNE)
-               .batch(batch_size).prefetch(tf.data.AUTOTUNE))
-    correct = count = 0
-    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        for inputs, labels in batches:
-            scores = np.asarray(predict(inputs))
-            labels = labels.numpy()
-            if scores.ndim != 2 or scores.shape[0] != labels.shape[0]:
-                raise ShapeMismatchError(
-                    f"model output has shape {scores.shape}, expected ({labels.shape[0]}, classes)")
-            correct += int(np.sum(np.argmax(scores, axis=-1) == labels))
-            count += int(labels.shape[0])
-            bar.update(int(labels.shape[0]))
-    return correct, count
-
-
-def keras_predictor(model):
-    """Inference-mode forward pass, compiled once."""
-    import tensorflow as tf
-
-    signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
-    return tf.function(lambda inputs: model(inputs, training=False), input_signature=signature)
-
-
 def tflite_predictor(path):
     """(predict function, tensor names, number of classes) for a .tflite classifier."""
     from kdig_tf import export
@@ -119,14 +83,14 @@ def sidecar_input(path):
 def input_preprocess(kind, mean=None, std=None):
     """uint8 image -> model input for ``kind``; "normalized" uses ``mean``/``std`` if given
     (else the CIFAR-10 statistics). Returns (function, mean, std actually used)."""
-    from kdig_tf import data, loading
+    from kdig_tf import models
 
     if kind != "normalized":
-        return loading.preprocess_for(kind), None, None
+        return models.InputSpec(kind).from_pixels, None, None
     if mean is None:
-        mean, std = data.CIFAR10_MEAN, data.CIFAR10_STD
-    mean, std = [float(value) for value in mean], [float(value) for value in std]
-    return (lambda image: data.normalize_teacher(data.to_unit_range(image), mean, std)), mean, std
+        mean, std = models.CIFAR10_MEAN, models.CIFAR10_STD
+    spec = models.InputSpec(kind, tuple(float(value) for value in mean), tuple(float(value) for value in std))
+    return spec.from_pixels, list(spec.mean), list(spec.std)
 
 
 def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
@@ -134,7 +98,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
     import time
 
-    from kdig_tf import data, loading
+    from kdig_tf import benchmark, data, loading, models
     from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
     from kdig_tf.io_utils import atomic_write_json, sha256_file
 
@@ -156,21 +120,31 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
                   f"{'--arch' if arch else 'tensor names'}", file=sys.stderr)
     else:
         # num_classes=None: a weights-only file gives its own classifier size.
-        model = loading.load_model(weights, arch=arch, keep_blocks=keep_blocks, num_classes=None)
-        predictor = keras_predictor(model)
-        found_arch, found_keep = loading.describe_model(model)
+        stored = loading.load_model(weights, arch=arch, keep_blocks=keep_blocks, num_classes=None)
+        model = loading.as_pixel_model(stored)
+        if model is stored and arch and models.split_preprocessing(model)[1] == models.PIXEL_INPUT:
+            model = models.with_preprocessing(model, models.CIFAR10_TEACHER_INPUT if arch == "teacher"
+                                              else models.UNIT_INPUT)
+        core, spec = models.split_preprocessing(model)
+        predictor = benchmark.keras_predictor(model)  # a pixel model: it scales its own input
+        found_arch, found_keep = loading.describe_model(core)
         num_outputs = int(model.output_shape[-1])
-        names_source = "layer names"
+        # Where the preprocessing came from: the file itself, or the kdig_tf architecture it holds.
+        names_source = "layer names" if model is not stored else "model"
     source = "--arch" if arch else names_source
     arch = arch or found_arch
     if arch == "student" and keep_blocks is None:
         keep_blocks = found_keep
-    if recorded is not None:
-        kind, mean, std = recorded
-        source = "sidecar"
+    if weights.lower().endswith(".tflite"):
+        if recorded is not None:
+            kind, mean, std = recorded
+            source = "sidecar"
+        else:
+            kind, mean, std = loading.input_kind(arch), None, None
+        preprocess, mean, std = input_preprocess(kind, mean, std)
     else:
-        kind, mean, std = loading.input_kind(arch), None, None
-    preprocess, mean, std = input_preprocess(kind, mean, std)
+        kind, mean, std = spec.space, spec.mean and list(spec.mean), spec.std and list(spec.std)
+        preprocess = models.PIXEL_INPUT.from_pixels
 
     ds, info = data.load(dataset, split, data_dir)
     if num_outputs != data.num_classes(info):
@@ -180,13 +154,14 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         ds = ds.take(limit)
     total = data.count_examples(ds)
 
-    start = time.time()
-    correct, count = evaluate(predictor, ds, preprocess, batch_size, total=total, progress=progress)
-    seconds = time.time() - start
-    if count == 0:
+    if total == 0:
         raise InvalidArgumentError(f"split {split!r} of {dataset} is empty")
+    start = time.time()
+    scores = benchmark.evaluate_accuracy(predictor, ds, preprocess, batch_size, progress=progress)
+    seconds = time.time() - start
+    correct, count = scores["num_correct"], scores["num_examples"]
     result = {
-        "accuracy": 100.0 * correct / count,
+        "accuracy": scores["accuracy"],
         "num_correct": correct,
         "num_examples": count,
         "dataset": dataset,

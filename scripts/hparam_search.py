@@ -7,14 +7,15 @@
 
 Grid search takes comma lists; random search also takes ranges ``lo:hi`` (uniform) or
 ``lo:hi:log`` (log-uniform), and samples reproducibly from ``--search_seed``. An empty
-option keeps the base flagfile's value. Each trial runs in ``<output_dir>/trials/trial<k>``
-(``trial<k>/seed<s>`` with several ``--seeds``, ranked on their mean); finished trials
-are skipped, failed ones retried.
+option keeps the base flagfile's value. Each trial is a distillation run in this process, in
+``<output_dir>/trials/trial<k>`` (``trial<k>/seed<s>`` with several ``--seeds``, ranked on
+their mean), its output in the trial's ``log.txt``; finished trials are skipped, failed ones
+retried.
 
 Trials are ranked on ``--val_split`` (default ``train[45000:]``); a split named ``test`` is
 refused unless ``--final_report``. Writes ``trials.json`` / ``trials.md`` (ranked),
-``runs.csv`` / ``runs.json`` and ``best.cfg``: a self-contained distill flagfile with the
-base flags plus the winning values (use it as the ablation's ``--flagfile_base``).
+``runs.csv`` / ``runs.json`` and ``best.cfg``: a self-contained distill flagfile with every
+setting of the winning trial but its seed (use it as the ablation's ``--flagfile_base``).
 """
 import os
 
@@ -25,7 +26,8 @@ from absl import app, flags
 from kdig_tf import campaigns, experiments
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("flagfile_base", "flags/paper.cfg", "Base flagfile passed to every distill.py run ('' = none).")
+flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
+                    "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_string("method", "kd_ig", "distill --method to tune (or <method>_shuffled).")
 flags.DEFINE_enum("search", "grid", ["grid", "random"], "Search strategy.")
 flags.DEFINE_integer("num_trials", 20, "Random search: number of trials.")
@@ -39,8 +41,7 @@ flags.DEFINE_string("val_split", "train[45000:]", "Split the trials are scored o
 flags.DEFINE_string("output_dir", "results/hparam_search", "Search directory (trials, tables, best.cfg).")
 flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epochs=5\".")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (never for tuning in a real study).")
-flags.DEFINE_bool("dry_run", False, "Print the commands of unfinished trials; launch nothing.")
-flags.DEFINE_string("distill_script", experiments.DISTILL_SCRIPT, "The training script to run.")
+flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished trials; launch nothing.")
 
 
 def main(argv):
@@ -68,8 +69,7 @@ def _search():
     report = campaigns.run_hparam_search(
         FLAGS.output_dir, FLAGS.flagfile_base or None, search_space(), method=FLAGS.method, search=FLAGS.search,
         num_trials=FLAGS.num_trials, search_seed=FLAGS.search_seed, seeds=seeds, val_split=FLAGS.val_split,
-        extra_flags=FLAGS.extra_flags, final_report=FLAGS.final_report, script=FLAGS.distill_script,
-        dry_run=FLAGS.dry_run)
+        extra_flags=FLAGS.extra_flags, final_report=FLAGS.final_report, dry_run=FLAGS.dry_run)
     if report is not None:
         best = report.get("best")
         if best:

@@ -11,12 +11,13 @@ fp32 teacher at batch 1 on one thread, and what accuracy does it keep?
 
 Every candidate is timed with LiteRT (XNNPACK) in a fresh subprocess; the fp32 teacher is
 timed first and last in the same run and is the reference for every speed-up. With
-``--train`` each candidate is a ``scripts/distill.py`` run in
-``<output_dir>/runs/k<keep>_w<width>[_s<stride>]/<method>/seed<seed>`` (finished runs are
-skipped, failed ones retried); its exported fp32/int8 files (int8 calibrated on the training split) are
-timed and evaluated on the validation split. Input resolution is not swept (the
-distillation pipeline only trains on 32x32 images); ``--extra_candidates=k14_w1_s2`` adds a
-student whose stem downsamples, which costs its blocks what a 16x16 input would.
+``--train`` each candidate is a distillation run in this process (what ``scripts/distill.py``
+runs), in ``<output_dir>/runs/k<keep>_w<width>[_s<stride>]/<method>/seed<seed>`` with its output
+in the run's ``log.txt`` (finished runs are skipped, failed ones retried); its exported fp32/int8
+files (int8 calibrated on the training split) are timed and evaluated on the validation split.
+Input resolution is not swept (the distillation pipeline only trains on 32x32 images);
+``--extra_candidates=k14_w1_s2`` adds a student whose stem downsamples, which costs its blocks
+what a 16x16 input would.
 
 Writes ``latency_sweep.json`` (command, machine, load average before/after, every row,
 Pareto front, the >= --target_speedup candidates), ``latency_sweep.md`` and
@@ -28,8 +29,6 @@ import sys
 
 import kdig_tf  # noqa: F401
 from absl import app, flags
-
-from kdig_tf import experiments
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("keep_blocks", ["14", "12", "10", "8", "6"], "Student depths (feature modules kept).")
@@ -45,14 +44,15 @@ flags.DEFINE_float("target_speedup", 10.0, "Mark candidates at least this much f
 flags.DEFINE_integer("num_calibration", 128, "Random int8 calibration images for untrained models.")
 flags.DEFINE_integer("random_seed", 0, "Seed of the random weights of untrained models.")
 flags.DEFINE_bool("train", False, "Distil every (keep_blocks, width) and report validation accuracy.")
-flags.DEFINE_string("flagfile_base", "flags/quick.cfg", "Base flagfile of every distill.py run ('' = none).")
-flags.DEFINE_string("method", "kd_ig", "distill.py --method of every run.")
-flags.DEFINE_integer("seed", 0, "distill.py --seed of every run.")
+flags.DEFINE_string("flagfile_base", "flags/quick.cfg", "Base flagfile of every run, as distill.py's --flagfile "
+                    "('' = none).")
+flags.DEFINE_string("method", "kd_ig", "distill --method of every run.")
+flags.DEFINE_integer("seed", 0, "distill --seed of every run.")
 flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epochs=5 --data_dir=...\".")
 flags.DEFINE_string("data_dir", None, "tfds data_dir passed to every run (same as --extra_flags=--data_dir=...).")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation).")
-flags.DEFINE_bool("dry_run", False, "With --train: print the commands of unfinished runs; launch nothing.")
-flags.DEFINE_string("distill_script", experiments.DISTILL_SCRIPT, "The training script to run.")
+flags.DEFINE_bool("dry_run", False,
+                  "With --train: print the distill.py commands of unfinished runs; launch nothing.")
 flags.DEFINE_string("output_dir", "results/latency_sweep", "Where the .tflite files, runs and reports go.")
 
 
@@ -82,7 +82,7 @@ def _sweep():
         final_report=FLAGS.final_report, num_threads=FLAGS.num_threads, warmup_runs=FLAGS.warmup_runs,
         num_runs=FLAGS.num_runs, target_speedup=FLAGS.target_speedup, num_calibration=FLAGS.num_calibration,
         random_seed=FLAGS.random_seed, isolate=FLAGS.isolate, command=shlex.join([sys.executable, *sys.argv]),
-        script=FLAGS.distill_script, dry_run=FLAGS.dry_run)
+        dry_run=FLAGS.dry_run)
     if report is None:
         return
     fast = report["fast_candidates"]

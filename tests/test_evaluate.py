@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import tiny_tfds
-from kdig_tf import data, models
+from kdig_tf import benchmark, data, models
 from kdig_tf.errors import NotAModelError, ShapeMismatchError, UnknownSplitError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +41,9 @@ def test_evaluate_counts_correct_predictions():
     def always_zero(batch):
         return np.tile(np.eye(5, dtype=np.float32)[0], (batch.shape[0], 1))
 
-    correct, count = evaluate_script.evaluate(always_zero, ds, data.preprocess_student, batch_size=3,
-                                              progress=False)
-    assert (correct, count) == (3, 7)
+    scores = benchmark.evaluate_accuracy(always_zero, ds, data.preprocess_student, batch_size=3)
+    assert (scores["num_correct"], scores["num_examples"]) == (3, 7)
+    assert scores["accuracy"] == pytest.approx(300 / 7)
 
 
 def test_evaluate_passes_preprocessed_batches():
@@ -56,17 +56,15 @@ def test_evaluate_passes_preprocessed_batches():
         seen.append(batch.numpy())
         return np.eye(2, dtype=np.float32)[labels[start:start + len(batch)]]
 
-    correct, count = evaluate_script.evaluate(oracle, ds, data.preprocess_teacher, batch_size=3,
-                                              progress=False)
-    assert (correct, count) == (4, 4)
+    scores = benchmark.evaluate_accuracy(oracle, ds, data.preprocess_teacher, batch_size=3)
+    assert (scores["num_correct"], scores["num_examples"]) == (4, 4)
     np.testing.assert_allclose(np.concatenate(seen), data.preprocess_teacher(images).numpy(), atol=1e-6)
 
 
 def test_evaluate_rejects_bad_output_shape():
     ds, _ = _raw_dataset([0, 1])
     with pytest.raises(ShapeMismatchError):
-        evaluate_script.evaluate(lambda batch: np.zeros((1, 10)), ds, data.preprocess_student, 2,
-                                 progress=False)
+        benchmark.evaluate_accuracy(lambda batch: np.zeros((1, 10)), ds, data.preprocess_student, 2)
 
 
 @pytest.fixture(scope="module")

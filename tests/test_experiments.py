@@ -1,5 +1,6 @@
 import kdig_tf  # noqa: F401
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,40 +9,38 @@ import sys
 import pytest
 from scipy import stats as scipy_stats
 
-from kdig_tf import campaigns, experiments
+from kdig_tf import campaigns, cli, experiments
 from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
                             UnknownKeyError)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_command(command):
-    return dict(arg[2:].partition("=")[::2] for arg in command[2:])
-
-
 class FakeDistill:
-    """Stands in for distill.py: writes results.json with accuracy ``score(flags)``; counts calls."""
+    """Stands in for the pipeline: writes results.json with accuracy ``score(flags)``; counts calls.
+
+    ``flags`` is the run's parsed DistillConfig as a dict, plus its workdir.
+    """
 
     def __init__(self, score, fail=()):
         self.score, self.fail, self.calls = score, set(fail), []
 
-    def __call__(self, command, log_path):
-        flags = parse_command(command)
+    def __call__(self, config, workdir):
+        flags = dict(dataclasses.asdict(config), workdir=workdir)
         self.calls.append(flags)
-        with open(log_path, "a") as log:
-            log.write("fake distill\n")
-        key = os.path.relpath(flags["workdir"], os.path.dirname(os.path.dirname(flags["workdir"])))
+        print("fake distill", flags["method"], flags["seed"])
+        key = os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir)))
         if key in self.fail:
-            return 1
-        keep = int(flags.get("keep_blocks", 14))
-        results = {"val_accuracy": self.score(flags), "val_split": flags.get("val_split", "train[45000:]"),
-                   "method": flags["method"], "seed": int(flags["seed"]), "trainable_params": 1000 * keep,
+            raise RuntimeError(f"fake failure of {key}")
+        keep = flags["keep_blocks"]
+        results = {"val_accuracy": self.score(flags), "val_split": flags["val_split"],
+                   "method": flags["method"], "seed": flags["seed"], "trainable_params": 1000 * keep,
                    "compression": 2_236_682 / (1000 * keep), "train_seconds": 1.0, "flags": flags,
-                   "student_path": os.path.join(flags["workdir"], "student.h5")}
+                   "student_path": os.path.join(workdir, "student.h5")}
         open(results["student_path"], "wb").close()
-        with open(os.path.join(flags["workdir"], "results.json"), "w") as handle:
+        with open(os.path.join(workdir, "results.json"), "w") as handle:
             json.dump(results, handle)
-        return 0
+        return results
 
 
 def quiet(_message):
@@ -61,8 +60,12 @@ def test_runner_skips_finished_runs_and_retries_failed_ones(tmp_path):
     rows = experiments.run_campaign(runs, launcher=fake, log=quiet)
     assert len(fake.calls) == 4
     assert [row["status"] for row in rows] == ["ok", "ok", "ok", "failed"]
-    assert rows[3]["returncode"] == 1 and rows[3]["val_accuracy"] is None
-    assert os.path.isfile(os.path.join(runs[0].workdir, "log.txt"))
+    assert rows[3]["error"] == "RuntimeError: fake failure of kd/seed1" and rows[3]["val_accuracy"] is None
+    assert rows[0]["error"] is None
+    # What a run prints goes to its log, and so does the traceback of a failure.
+    assert "fake distill student 0" in open(os.path.join(runs[0].workdir, "log.txt")).read()
+    failed_log = open(os.path.join(runs[3].workdir, "log.txt")).read()
+    assert "Traceback" in failed_log and "RuntimeError: fake failure of kd/seed1" in failed_log
 
     messages = []
     fake.fail.clear()
@@ -103,15 +106,97 @@ def test_finished_run_whose_outputs_are_gone_is_launched_again(tmp_path):
     assert experiments.missing_outputs(runs[1].workdir, moved) == ["student.h5"]
 
 
-def test_command_layout(tmp_path):
+def test_run_arguments_config_and_command(tmp_path, monkeypatch):
     flagfile = make_flagfile(tmp_path)
-    runs = experiments.seed_runs(str(tmp_path), ["kd_ig_shuffled"], [3], subset_fraction=0.8,
+    runs = experiments.seed_runs(str(tmp_path / "out"), ["kd_ig_shuffled"], [3], subset_fraction=0.8,
                                  common={"epochs": 2})
-    command = experiments.build_command(runs[0], flagfile, script="distill.py", python="python")
-    assert command == ["python", "distill.py", f"--flagfile={flagfile}",
-                       f"--workdir={os.path.abspath(runs[0].workdir)}", "--epochs=2", "--method=kd_ig",
-                       "--cached_targets_order=shuffled", "--seed=3", "--subset_fraction=0.8", "--subset_seed=3"]
-    assert runs[0].workdir == os.path.join(str(tmp_path), "kd_ig_shuffled", "seed3")
+    args = experiments.run_args(flagfile, runs[0].overrides, runs[0].workdir)
+    assert args == [f"--flagfile={flagfile}", f"--workdir={os.path.abspath(runs[0].workdir)}", "--epochs=2",
+                    "--method=kd_ig", "--cached_targets_order=shuffled", "--seed=3", "--subset_fraction=0.8",
+                    "--subset_seed=3"]
+    assert runs[0].workdir == os.path.join(str(tmp_path), "out", "kd_ig_shuffled", "seed3")
+    # absl parses the flagfile (comments, --alpha) and the overrides win over it.
+    config, workdir = experiments.parse_run(flagfile, runs[0].overrides, runs[0].workdir)
+    assert (config.epochs, config.alpha, config.method, config.cached_targets_order, config.seed,
+            config.subset_fraction, config.subset_seed) == (2, 0.3, "kd_ig", "shuffled", 3, 0.8, 3)
+    assert workdir == os.path.abspath(runs[0].workdir)
+    # The table's command repeats the run by hand: paths inside the working directory are relative.
+    monkeypatch.chdir(tmp_path)
+    assert experiments.display_command(args + ["--teacher=/elsewhere/t.h5"]) == (
+        "python scripts/distill.py --flagfile=base.cfg --workdir=out/kd_ig_shuffled/seed3 --epochs=2 "
+        "--method=kd_ig --cached_targets_order=shuffled --seed=3 --subset_fraction=0.8 --subset_seed=3 "
+        "--teacher=/elsewhere/t.h5")
+    with pytest.raises(InvalidArgumentError, match="no such flagfile"):
+        experiments.parse_run(str(tmp_path / "missing.cfg"), {})
+    with pytest.raises(InvalidArgumentError, match="epochz"):
+        experiments.parse_run(flagfile, {"epochz": 1})
+
+
+def test_bad_flags_stop_the_campaign_before_any_run(tmp_path):
+    fake = FakeDistill(lambda flags: 90.0)
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["student", "kd"], [0], common={"epochz": 2})
+    with pytest.raises(InvalidArgumentError, match="epochz"):
+        experiments.run_campaign(runs, launcher=fake, log=quiet)
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["student", "kd"], [0], common={"alpha": 1.5})
+    with pytest.raises(InvalidArgumentError, match="alpha"):
+        experiments.run_campaign(runs, launcher=fake, log=quiet)
+    assert fake.calls == [] and not os.path.exists(tmp_path / "runs")
+
+
+class Interrupted(KeyboardInterrupt):
+    pass
+
+
+def test_keyboard_interrupt_stops_the_campaign(tmp_path):
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["student", "kd"], [0])
+
+    def interrupted(config, workdir):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        experiments.run_campaign(runs, launcher=interrupted, log=quiet, rows_dir=str(tmp_path))
+    assert not os.path.exists(runs[1].workdir)  # the second run was never started
+
+
+def old_runner_run(tmp_path, flagfile, overrides):
+    """A run directory exactly as the subprocess runner left a finished run (e.g. results/cifar10_long)."""
+    workdir = tmp_path / "out" / "runs" / "student" / "seed0"
+    workdir.mkdir(parents=True)
+    (workdir / "command.json").write_text(json.dumps({
+        "flagfile": os.path.abspath(flagfile), "flagfile_sha256": experiments.sha256_file(flagfile),
+        "overrides": overrides}, indent=2))
+    (workdir / "student.h5").write_bytes(b"")
+    (workdir / "results.json").write_text(json.dumps({
+        "method": "student", "seed": 0, "val_accuracy": 88.5, "val_split": "train[45000:]",
+        "trainable_params": 543498, "compression": 4.12, "train_seconds": 3600.0,
+        "student_path": str(workdir / "student.h5"), "tflite": {}}))
+    return workdir
+
+
+def test_run_finished_by_the_subprocess_runner_is_skipped_and_checked(tmp_path):
+    flagfile = make_flagfile(tmp_path, "--epochs=30\n--store_dir=runs/store\n--export_modes=\n")
+    old_runner_run(tmp_path, flagfile, ["--data_dir=../shared/tensorflow_datasets", "--method=student",
+                                        "--seed=0"])
+    out = str(tmp_path / "out")
+    fake = FakeDistill(by_arm)
+    data_dir = "--data_dir=../shared/tensorflow_datasets"
+    summary = campaigns.run_ablation(out, flagfile, ["student", "kd"], [0, 1], extra_flags=data_dir,
+                                     launcher=fake, log=quiet)
+    assert [(call["method"], call["seed"]) for call in fake.calls] == [("kd", 0), ("student", 1), ("kd", 1)]
+    assert summary["arms"]["student"]["values"] == [88.5, ACCURACIES["student"][1]]
+    with open(os.path.join(out, "runs.json")) as handle:
+        assert [row["status"] for row in json.load(handle)] == ["skipped", "ok", "ok", "ok"]
+
+    # Another override, or another base flagfile, and the old run is stale.
+    with pytest.raises(StaleRunError, match="data_dir"):
+        campaigns.run_ablation(out, flagfile, ["student", "kd"], [0, 1], extra_flags="--data_dir=elsewhere",
+                               launcher=fake, log=quiet)
+    with open(flagfile, "a") as handle:
+        handle.write("--batch_size=7\n")
+    with pytest.raises(StaleRunError, match="base flagfile"):
+        campaigns.run_ablation(out, flagfile, ["student", "kd"], [0, 1], extra_flags=data_dir, launcher=fake,
+                               log=quiet)
+    assert len(fake.calls) == 3
 
 
 def test_finished_run_with_other_flags_is_stale(tmp_path):
@@ -177,10 +262,12 @@ def test_grid_search_ranks_on_validation_and_writes_best_flagfile(tmp_path):
     assert [t["params"] for t in report["trials"]][:2] == [{"alpha": 0.5, "temperature": 2.0},
                                                            {"alpha": 0.5, "temperature": 4.0}]
     assert report["best"]["mean"] == pytest.approx(93.0)
-    best = experiments.read_flagfile(os.path.join(out, "best.cfg"))
-    assert best["epochs"] == "3" and best["method"] == "kd"
-    assert float(best["alpha"]) == 0.5 and float(best["temperature"]) == 2.0
-    assert "workdir" not in best and "seed" not in best
+    best, _ = cli.distill_config([f"--flagfile={os.path.join(out, 'best.cfg')}"])
+    assert best.epochs == 3 and best.method == "kd" and best.val_split == "train[45000:]"
+    assert best.alpha == 0.5 and best.temperature == 2.0
+    assert best.store_dir == os.path.abspath(os.path.join(out, "store"))
+    text = open(os.path.join(out, "best.cfg")).read()
+    assert "--workdir" not in text and "--seed" not in text
     assert os.path.isfile(os.path.join(out, "trials.md")) and os.path.isfile(os.path.join(out, "runs.csv"))
 
 
@@ -230,7 +317,7 @@ def test_ablation_summary_and_plot(tmp_path):
     summary = campaigns.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
                                      subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
     assert len(fake.calls) == 12
-    assert {call["subset_seed"] for call in fake.calls} == {"0", "1", "2"}
+    assert {call["subset_seed"] for call in fake.calls} == {0, 1, 2}
     assert {call["store_dir"] for call in fake.calls} == {os.path.abspath(os.path.join(out, "store"))}
     with open(os.path.join(out, "summary.json")) as handle:
         assert json.load(handle) == summary
@@ -266,18 +353,18 @@ def test_ablation_summary_and_plot(tmp_path):
     assert len(fake.calls) == 12 and again["arms"] == summary["arms"]
 
 
-class Killed(Exception):
-    """Stands in for the session ending (SIGTERM) in the middle of a campaign."""
+class Killed(KeyboardInterrupt):
+    """Stands in for the session ending (Ctrl-C) in the middle of a campaign."""
 
 
 def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
     out = str(tmp_path / "ablation")
     fake = FakeDistill(by_arm)
 
-    def killed_on_third_run(command, log_path):
+    def killed_on_third_run(config, workdir):
         if len(fake.calls) == 2:
             raise Killed
-        return fake(command, log_path)
+        return fake(config, workdir)
 
     with pytest.raises(Killed):
         campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
@@ -331,8 +418,7 @@ def test_ablation_refuses_test_split_unless_final_report(tmp_path):
 
 def test_compression_sweep_with_fake_latency(tmp_path):
     out = str(tmp_path / "sweep")
-    fake = FakeDistill(lambda f: 80.0 + int(f["keep_blocks"]) + (1.0 if f["method"] == "kd" else 0.0)
-                       + int(f["seed"]) * 0.5)
+    fake = FakeDistill(lambda f: 80.0 + f["keep_blocks"] + (1.0 if f["method"] == "kd" else 0.0) + f["seed"] * 0.5)
     measured = []
 
     def latency_fn(results, workdir, tflite_dir, keep, warmup_runs, num_runs):
@@ -342,7 +428,7 @@ def test_compression_sweep_with_fake_latency(tmp_path):
     report = campaigns.run_compression_sweep(out, None, ["14", "4"], ["student", "kd"], [0, 1],
                                              latency_fn=latency_fn, launcher=fake, log=quiet)
     assert len(fake.calls) == 8 and sorted(measured) == [4, 14]
-    assert {call["keep_blocks"] for call in fake.calls} == {"14", "4"}
+    assert {call["keep_blocks"] for call in fake.calls} == {14, 4}
     point = next(p for p in report["points"] if p["keep_blocks"] == 4 and p["arm"] == "kd")
     assert point["mean"] == pytest.approx(85.25) and point["latency_ms"] == pytest.approx(0.4)
     assert point["trainable_params"] == 4000 and point["vs_reference"]["mean_diff"] == pytest.approx(1.0)
@@ -352,28 +438,16 @@ def test_compression_sweep_with_fake_latency(tmp_path):
     assert len(fake.calls) == 8 and len(measured) == 2  # runs and latencies are cached
 
 
-FAKE_DISTILL_SCRIPT = '''
-import json, os, sys
-flags = dict(a[2:].partition("=")[::2] for a in sys.argv[1:])
-print("training", flags["method"], flags["seed"])
-acc = 90.0 + int(flags["seed"]) + (2.0 if flags["method"] == "kd" else 0.0)
-with open(os.path.join(flags["workdir"], "results.json"), "w") as f:
-    json.dump({"val_accuracy": acc, "method": flags["method"], "seed": int(flags["seed"])}, f)
-'''
-
-
-def test_ablation_script_end_to_end_with_a_fake_distill(tmp_path):
-    script = tmp_path / "fake_distill.py"
-    script.write_text(FAKE_DISTILL_SCRIPT)
-    out = tmp_path / "out"
+def test_ablation_script_dry_run_prints_relative_distill_commands(tmp_path):
+    (tmp_path / "base.cfg").write_text("--epochs=1\n")
     completed = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "ablation.py"), f"--distill_script={script}",
-         "--flagfile_base=", "--methods=student,kd", "--seeds=0,1", f"--output_dir={out}"],
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, os.path.join(REPO, "scripts", "ablation.py"), "--flagfile_base=base.cfg",
+         "--methods=student,kd", "--seeds=0", "--output_dir=out", "--extra_flags=--batch_size=8", "--dry_run"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["arms"]["kd"]["mean"] == 92.5 and summary["arms"]["student"]["mean"] == 90.5
-    assert "training kd 1" in (out / "runs" / "kd" / "seed1" / "log.txt").read_text()
+    assert ("would run: python scripts/distill.py --flagfile=base.cfg --workdir=out/runs/kd/seed0 "
+            "--store_dir=out/store --batch_size=8 --method=kd --seed=0") in completed.stdout
+    assert not os.path.exists(tmp_path / "out" / "runs")
 
 
 def test_find_fp32_tflite(tmp_path):
@@ -385,3 +459,78 @@ def test_find_fp32_tflite(tmp_path):
     assert campaigns.find_fp32_tflite({}, str(tmp_path)) == str(exported)  # found by name
     exported.unlink()
     assert campaigns.find_fp32_tflite(results, str(tmp_path)) is None
+
+
+# --------------------------------------------------------------------------- in-process, on mock data
+
+SMOKE = os.path.join(REPO, "flags", "smoke.cfg")
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from kdig_tf import models
+
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.h5")
+    models.build_teacher(width_multiplier=0.25).save(path)
+    return path
+
+
+@pytest.fixture
+def no_subprocess(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a campaign run started a subprocess: {args[:1]}")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def mock_cifar10():
+    import tensorflow_datasets as tfds
+
+    return tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE)
+
+
+def test_ablation_trains_every_run_in_process(tmp_path, tiny_teacher, no_subprocess, capfd):
+    out = str(tmp_path / "ablation")
+    messages = []
+    with mock_cifar10():
+        summary = campaigns.run_ablation(out, SMOKE, ["student", "kd"], [0], extra_flags=f"--teacher={tiny_teacher}",
+                                         log=messages.append)
+    with open(os.path.join(out, "runs.json")) as handle:
+        rows = json.load(handle)
+    assert [row["status"] for row in rows] == ["ok", "ok"], [row["error"] for row in rows]
+    assert summary["arms"]["student"]["n"] == 1 and summary["arms"]["kd"]["n"] == 1
+    with open(os.path.join(out, "summary.json")) as handle:
+        assert json.load(handle) == summary
+    results = json.loads(open(os.path.join(out, "runs", "kd", "seed0", "results.json")).read())
+    assert results["flags"]["method"] == "kd" and results["flags"]["teacher"] == tiny_teacher
+    assert results["flags"]["epochs"] == 1 and results["flags"]["store_dir"] == os.path.join(out, "store")
+    assert os.path.isfile(os.path.join(out, "runs", "kd", "seed0", "student_fp32.tflite"))
+    assert sum("] run " in message for message in messages) == 2
+    # The runs' own output went to their logs, not to the console.
+    for arm in ("student", "kd"):
+        log = open(os.path.join(out, "runs", arm, "seed0", "log.txt")).read()
+        assert "=== " in log and "Logging error" not in log
+    console = capfd.readouterr()
+    assert "img/s" not in console.out + console.err
+
+    # The runner recognises its own finished runs.
+    with mock_cifar10():
+        rows = experiments.run_campaign(
+            experiments.seed_runs(os.path.join(out, "runs"), ["student", "kd"], [0],
+                                  common={"store_dir": os.path.join(out, "store"), "teacher": tiny_teacher}),
+            SMOKE, log=quiet)
+    assert [row["status"] for row in rows] == ["skipped", "skipped"]
+
+
+def test_failed_run_is_reported_and_the_next_one_still_runs(tmp_path, no_subprocess):
+    out = str(tmp_path / "ablation")
+    with mock_cifar10():
+        summary = campaigns.run_ablation(out, SMOKE, ["kd", "student"], [0], log=quiet,
+                                         extra_flags="--teacher=/nonexistent/teacher.h5 --export_modes=")
+    with open(os.path.join(out, "runs.json")) as handle:
+        rows = json.load(handle)
+    assert [row["status"] for row in rows] == ["failed", "ok"]
+    assert rows[0]["error"].startswith("TeacherNotFoundError: no teacher at '/nonexistent/teacher.h5'")
+    log = open(os.path.join(out, "runs", "kd", "seed0", "log.txt")).read()
+    assert "Traceback (most recent call last)" in log and "TeacherNotFoundError" in log
+    assert summary["arms"]["kd"]["unfinished"] == ["kd/seed0"] and summary["arms"]["student"]["n"] == 1

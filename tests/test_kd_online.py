@@ -23,7 +23,7 @@ def test_online_kd_term_uses_the_teacher_on_the_batch_the_student_sees():
     teacher = models.build_teacher(width_multiplier=0.25)
     student = models.build_student(2)
     kd_loss = distiller.KDLoss(alpha=0.5, temperature=2.0)
-    model = distiller.Distiller(student, teacher, kd_loss)
+    model = distiller.paper_distiller(teacher, student, alpha=0.5, temperature=2.0)
     model.compile(optimizer=keras.optimizers.SGD(0.0))  # lr 0: the step leaves the weights as they are
     inputs = tf.random.stateless_uniform((6, 32, 32, 3), seed=[1, 2])
     labels = tf.constant([0, 1, 2, 3, 4, 5], tf.int64)

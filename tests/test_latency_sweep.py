@@ -1,5 +1,6 @@
 import kdig_tf  # noqa: F401
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from kdig_tf import experiments, pareto
+from kdig_tf import pareto
 from kdig_tf.errors import InvalidArgumentError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,29 +146,30 @@ def test_latency_only_end_to_end(tmp_path):
 
 
 def fake_distill(fail=()):
-    """Stands in for distill.py: a results.json whose exported .tflite files are placeholders."""
+    """Stands in for the pipeline: a results.json whose exported .tflite files are placeholders."""
     calls = []
 
-    def launch(command, log_path):
-        flags = dict(arg[2:].partition("=")[::2] for arg in command[2:])
-        flags = dict(experiments.read_flagfile(flags.pop("flagfile")), **flags) if "flagfile" in flags else flags
+    def launch(config, workdir):
+        flags = dict(dataclasses.asdict(config), workdir=workdir)
         calls.append(flags)
-        workdir = flags["workdir"]
         if any(f"/{name}/" in workdir for name in fail):
-            return 1
+            raise RuntimeError("fake failure")
         exports = {}
-        for mode in flags["export_modes"].split(","):
+        for mode in config.modes():
             path = os.path.join(workdir, f"student_{mode}.tflite")
             with open(path, "wb") as handle:
-                handle.write(b"x" * int(1000 * float(flags["width_multiplier"]) * int(flags["keep_blocks"])
-                                        / int(flags.get("stem_stride", 1))))
+                handle.write(b"x" * int(1000 * config.width_multiplier * config.keep_blocks / config.stem_stride))
             exports[mode] = {"path": path}
-        results = {"val_accuracy": 50.0 + int(flags["keep_blocks"]), "tflite": exports,
-                   "flags": {"dataset": "cifar10", "val_split": flags.get("val_split", "train[45000:]")}}
+        results = {"val_accuracy": 50.0 + config.keep_blocks, "tflite": exports, "flags": flags}
         with open(os.path.join(workdir, "results.json"), "w") as handle:
             json.dump(results, handle)
-        return 0
+        return results
     return launch, calls
+
+
+def recorded_overrides(workdir):
+    with open(os.path.join(workdir, "command.json")) as handle:
+        return json.load(handle)["overrides"]
 
 
 def test_train_path_with_a_fake_distill(tmp_path):
@@ -186,10 +188,12 @@ def test_train_path_with_a_fake_distill(tmp_path):
                   latency_fn=size_latency, accuracy_fn=accuracy, launcher=launch, command="test", log=quiet)
     report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], ["k2_w0.25_s2"], **kwargs)
     assert len(calls) == 3
-    # Only stride-2 runs get the flag, so stride-1 commands stay what they were before it existed.
-    assert {(c["keep_blocks"], c["width_multiplier"], c.get("stem_stride"), c["export_modes"]) for c in calls} == {
-        ("2", "0.25", None, "fp32"), ("1", "0.25", None, "fp32"), ("2", "0.25", "2", "fp32")}
+    assert {(c["keep_blocks"], c["width_multiplier"], c["stem_stride"], c["export_modes"], c["epochs"])
+            for c in calls} == {(2, 0.25, 1, "fp32", 1), (1, 0.25, 1, "fp32", 1), (2, 0.25, 2, "fp32", 1)}
     assert all(c["store_dir"].endswith(os.path.join("sweep", "store")) for c in calls)
+    # Only stride-2 runs get the flag, so stride-1 records stay what they were before it existed.
+    strides = {c["workdir"]: [arg for arg in recorded_overrides(c["workdir"]) if "stem_stride" in arg] for c in calls}
+    assert sorted(strides.values()) == [[], [], ["--stem_stride=2"]]
     by_name = {row["name"]: row for row in report["rows"]}
     assert by_name["k2_w0.25"]["weights"] == "trained" and by_name["k2_w0.25"]["accuracy"] == pytest.approx(62.5)
     assert by_name["k2_w0.25"]["accuracy_split"] == "train[45000:46000]"
@@ -205,7 +209,7 @@ def test_train_path_with_a_fake_distill(tmp_path):
     # Rerun: the finished run is skipped and its accuracy cached; the failed one is retried.
     report = pareto.run_latency_sweep(out, ["2", "1"], ["0.25"], ["fp32"], ["k2_w0.25_s2"],
                                       **dict(kwargs, launcher=launch))
-    assert len(calls) == 4 and calls[-1]["keep_blocks"] == "1" and len(evaluated) == 2
+    assert len(calls) == 4 and calls[-1]["keep_blocks"] == 1 and len(evaluated) == 2
 
     with pytest.raises(InvalidArgumentError):
         pareto.run_latency_sweep(str(tmp_path / "bad"), ["2"], ["0.25"], ["fp32"],

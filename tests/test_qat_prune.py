@@ -59,7 +59,7 @@ def validation():
     """The smoke run's validation split (mock train, 12 images), preprocessed."""
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         raw, _ = data.load("cifar10", "train")
-        arrays = pipeline.validation_arrays(raw, "train")
+        arrays = pipeline.validation_arrays(raw, "train", models.UNIT_INPUT)
     return arrays["images"], arrays["labels"]
 
 
@@ -153,15 +153,16 @@ def test_more_bad_stage_flags_exit_2_and_write_nothing(tmp_path, capsys, flag):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_qat_of_a_layer_tfmot_cannot_wrap_is_a_named_error_before_writing(tmp_path, monkeypatch, capsys):
-    def unsupported_student(*args, **kwargs):
-        inputs = keras.Input((32, 32, 3))
-        features = keras.layers.LayerNormalization()(keras.layers.Conv2D(4, 3)(inputs))
-        return keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(features)))
-
-    monkeypatch.setattr(pipeline.models, "build_student", unsupported_student)
-    with pytest.raises(SystemExit) as exited:
-        cli.run(pipeline.run_distillation, pipeline.DistillConfig(qat_epochs=1), str(tmp_path / "run"))
+def test_qat_of_a_layer_tfmot_cannot_wrap_is_a_named_error_before_writing(tmp_path, capsys):
+    inputs = keras.Input((32, 32, 3))
+    features = keras.layers.LayerNormalization()(keras.layers.Conv2D(4, 3)(inputs))
+    student = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(features)))
+    student.save(str(tmp_path / "student.keras"))
+    config = pipeline.DistillConfig(method="student", student=str(tmp_path / "student.keras"), qat_epochs=1,
+                                    train_split="train", val_split="train", epochs=1, batch_size=4, export_modes="")
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(SystemExit) as exited:
+            cli.run(pipeline.run_distillation, config, str(tmp_path / "run"))
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: UnsupportedLayerError:")
     assert not os.path.exists(tmp_path / "run")

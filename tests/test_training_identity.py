@@ -28,33 +28,55 @@ TRAIN = textwrap.dedent("""
     import tf_keras as keras
     from kdig_tf import models, pipeline
 
-    out, methods = sys.argv[1], sys.argv[2].split(",")
+    out, methods, side, teacher_path = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4]
     keras.utils.set_random_seed(0)
-    teacher_path = os.path.join(out, "teacher.h5")
     if not os.path.exists(teacher_path):
         models.build_teacher(width_multiplier=0.25).save(teacher_path)
     weights = {}
+
+    class Kill(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt("killed after the first epoch")
+
+    def config(method, epochs=2):
+        return pipeline.DistillConfig(
+            method=method, teacher=teacher_path, train_split="train", val_split="train", epochs=epochs,
+            batch_size=4, keep_blocks=4, ig_steps=2, examples_per_shard=5, export_modes="", verbose=0,
+            seed=3, p=0.5, at_teacher_layer="features_3_add", at_student_layer="features_3_add",
+            store_dir=os.path.join(out, "store"))
+
+    def trained(workdir):
+        model = keras.models.load_model(os.path.join(workdir, "student.h5"), compile=False)
+        return [w.tolist() for w in model.get_weights()]
+
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
         for method in methods:
-            config = pipeline.DistillConfig(
-                method=method, teacher=teacher_path, train_split="train", val_split="train", epochs=2,
-                batch_size=4, keep_blocks=4, ig_steps=2, examples_per_shard=5, export_modes="", verbose=0,
-                seed=3, p=0.5, at_teacher_layer="features_3_add", at_student_layer="features_3_add",
-                store_dir=os.path.join(out, "store"))
-            workdir = os.path.join(out, method)
-            pipeline.run_distillation(config, workdir, progress=False)
-            model = keras.models.load_model(os.path.join(workdir, "student.h5"), compile=False)
-            weights[method] = [w.tolist() for w in model.get_weights()]
+            pipeline.run_distillation(config(method), os.path.join(out, method), progress=False)
+            weights[method] = trained(os.path.join(out, method))
+        # A run killed under one code path and resumed under the other (a campaign that
+        # spans the change) must end where an uninterrupted run ends.
+        if side == "legacy":
+            try:
+                pipeline.run_distillation(config("kd_ig", 3), os.path.join(out, "resumed"), progress=False,
+                                          extra_callbacks=[Kill()])
+            except KeyboardInterrupt:
+                pass
+            pipeline.run_distillation(config("kd_ig", 3), os.path.join(out, "uninterrupted"), progress=False)
+            weights["uninterrupted"] = trained(os.path.join(out, "uninterrupted"))
+        else:
+            pipeline.run_distillation(config("kd_ig", 3), os.path.join(out, "resumed"), progress=False)
+            weights["resumed"] = trained(os.path.join(out, "resumed"))
     with open(os.path.join(out, "weights.json"), "w") as handle:
         json.dump(weights, handle)
 """)
 
 
-def _train(package_parent, out_dir):
+def _train(package_parent, out_dir, side):
     os.makedirs(out_dir, exist_ok=True)
+    teacher = os.path.join(os.path.dirname(out_dir), "teacher.h5")  # one file (and path) for both sides
     env = dict(os.environ, PYTHONPATH=package_parent)
-    result = subprocess.run([sys.executable, "-c", TRAIN, str(out_dir), ",".join(METHODS)], capture_output=True,
-                            text=True, env=env, cwd=str(out_dir))
+    result = subprocess.run([sys.executable, "-c", TRAIN, str(out_dir), ",".join(METHODS), side, teacher],
+                            capture_output=True, text=True, env=env, cwd=str(out_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out_dir, "weights.json")) as handle:
         return json.load(handle)
@@ -72,13 +94,14 @@ def _legacy_package(tmp_path):
     return str(legacy)
 
 
-def test_current_code_trains_the_legacy_student_weight_for_weight(tmp_path):
-    legacy = _train(_legacy_package(tmp_path), tmp_path / "legacy_runs")
-    # The same teacher file for both sides: copy it before the current code builds its own.
-    (tmp_path / "current_runs").mkdir()
-    shutil.copy(tmp_path / "legacy_runs" / "teacher.h5", tmp_path / "current_runs" / "teacher.h5")
-    current = _train(ROOT, tmp_path / "current_runs")
-    for method in METHODS:
+def test_current_code_trains_the_legacy_student_weight_for_weight_and_resumes_legacy_checkpoints(tmp_path):
+    legacy = _train(_legacy_package(tmp_path), tmp_path / "legacy_runs", "legacy")
+    # The legacy run killed after its first epoch is resumed by the current code.
+    shutil.copytree(tmp_path / "legacy_runs" / "resumed", tmp_path / "current_runs" / "resumed")
+    assert not (tmp_path / "current_runs" / "resumed" / "student.h5").exists()
+    current = _train(ROOT, tmp_path / "current_runs", "current")
+    current["uninterrupted"] = current.pop("resumed")
+    for method in METHODS + ("uninterrupted",):
         old, new = legacy[method], current[method]
         assert len(old) == len(new), method
         for index, (a, b) in enumerate(zip(old, new)):

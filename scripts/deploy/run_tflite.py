@@ -42,7 +42,7 @@ def read_sidecar(model_path, sidecar_path=None):
         with open(sidecar_path) as handle:
             sidecar = json.load(handle)
         spec = sidecar["input"]
-        if spec["input_kind"] not in ("unit", "normalized"):
+        if spec["input_kind"] not in ("unit", "normalized", "pixels"):
             raise RunnerError(f"unknown input_kind {spec['input_kind']!r} in {sidecar_path}")
         return sidecar
     except FileNotFoundError:
@@ -100,7 +100,9 @@ def preprocess(image_path, spec):
     except (OSError, UnidentifiedImageError) as err:
         raise RunnerError(f"cannot read image {image_path}: {err}") from None
     pixels = pixels.reshape(1, height, width, channels)
-    if spec["input_kind"] == "normalized":
+    if spec["input_kind"] == "pixels":  # a model that scales its own input
+        pixels = pixels * 255.0
+    elif spec["input_kind"] == "normalized":
         pixels = (pixels - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
     dtype = np.dtype(spec["dtype"])
     if spec.get("quantization"):
