@@ -15,6 +15,8 @@ class KdigTinyImages(tfds.core.GeneratorBasedBuilder):
     """CIFAR-shaped random images with an ``id`` feature; only a ``train`` split."""
 
     VERSION = tfds.core.Version("1.0.0")
+    IMAGE_SIZE = 32
+    NUM_CLASSES = NUM_CLASSES
 
     def __init__(self, *, num_examples=12, **kwargs):
         self._num_examples = num_examples
@@ -25,8 +27,8 @@ class KdigTinyImages(tfds.core.GeneratorBasedBuilder):
             builder=self,
             features=tfds.features.FeaturesDict({
                 "id": tfds.features.Text(),
-                "image": tfds.features.Image(shape=(32, 32, 3)),
-                "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                "image": tfds.features.Image(shape=(self.IMAGE_SIZE, self.IMAGE_SIZE, 3)),
+                "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
             }),
         )
 
@@ -39,12 +41,20 @@ class KdigTinyImages(tfds.core.GeneratorBasedBuilder):
         for index in range(self._num_examples):
             yield index, {
                 "id": f"train_{index:05d}",
-                "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
-                "label": index % NUM_CLASSES,
+                "image": rng.integers(0, 256, (self.IMAGE_SIZE, self.IMAGE_SIZE, 3), dtype=np.uint8),
+                "label": index % self.NUM_CLASSES,
             }
 
 
-def prepare(data_dir, num_examples=12):
-    """Write the dataset under ``data_dir`` and return its name."""
-    KdigTinyImages(data_dir=str(data_dir), num_examples=num_examples).download_and_prepare()
-    return NAME
+class KdigTinyImages64(KdigTinyImages):
+    """Not CIFAR's shape: 64x64 images of 5 classes."""
+
+    IMAGE_SIZE = 64
+    NUM_CLASSES = 5
+
+
+def prepare(data_dir, num_examples=12, builder=KdigTinyImages):
+    """Write the dataset under ``data_dir`` and return its name (offline: no GCS lookup)."""
+    instance = builder(data_dir=str(data_dir), num_examples=num_examples)
+    instance.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return instance.name
