@@ -7,7 +7,6 @@ that a device runner needs nothing but the two files (see ``scripts/deploy``).
 """
 import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 
-import hashlib
 import json
 import os
 
@@ -92,16 +91,6 @@ def image_input_shape(model):
         raise ShapeMismatchError(
             f"expected an NHWC image input with fixed H, W and C in {IMAGE_CHANNELS}, got {shape}")
     return tuple(int(dim) for dim in shape[1:])
-
-
-def weights_sha256(model):
-    """Hash of the model's weights (dtype, shape and bytes of each, in order)."""
-    digest = hashlib.sha256()
-    for weight in model.get_weights():
-        weight = np.ascontiguousarray(weight)
-        digest.update(f"{weight.dtype.str}{weight.shape}".encode())
-        digest.update(weight.tobytes())
-    return digest.hexdigest()
 
 
 def representative_from_split(ds, preprocess, n=256):
@@ -200,7 +189,7 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
         "labels_embedded": labels_embedded,
         "source_model": {
             "name": model.name,
-            "weights_sha256": weights_sha256(model),
+            "weights_sha256": models.weights_fingerprint(model),
             # Trainable only, as everywhere else in kdig_tf (count_params adds BN statistics).
             "params": models.count_trainable_params(model),
             "params_including_non_trainable": int(model.count_params()),

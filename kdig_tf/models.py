@@ -17,6 +17,7 @@ as it is (its own layers do the preprocessing).
 import kdig_tf  # noqa: F401  (selects tf-keras before TensorFlow loads)
 
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -226,6 +227,20 @@ def build_student(keep_blocks=None, compression=None, num_classes=10, width_mult
         if stem_stride != 1:
             name += f"_s{int(stem_stride)}"
     return keras.Model(inputs, outputs, name=name)
+
+
+def weights_fingerprint(model):
+    """sha256 over the model's weights (names, shapes and bytes), independent of file format.
+
+    A pixel model and the network behind its preprocessing have the same fingerprint.
+    """
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        value = np.ascontiguousarray(weight.numpy())
+        digest.update(weight.name.split("/", 1)[-1].encode())
+        digest.update(str(value.shape).encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def count_trainable_params(model):

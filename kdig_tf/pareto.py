@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from kdig_tf import benchmark, experiments
+from kdig_tf import benchmark, experiments, models
 from kdig_tf.errors import InvalidArgumentError, NotAModelError
 from kdig_tf.io_utils import (atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file,
                               subplots)
@@ -306,7 +306,7 @@ def random_tflite(model, path, mode, kind, num_calibration, seed):
 
     representative = _calibration(kind, num_calibration, seed) if mode == "int8" else None
     count = 0 if representative is None else len(representative)
-    if not _reusable(path, export.weights_sha256(model), mode, count):
+    if not _reusable(path, models.weights_fingerprint(model), mode, count):
         export.convert(model, path, mode, representative_images=representative, input_kind=kind)
     return path
 

@@ -64,15 +64,8 @@ class MissingMapsError(StoreError):
     """A logits-only store was asked for IG maps."""
 
 
-def weights_fingerprint(model):
-    """sha256 over the model's weights (names, shapes and bytes), independent of file format."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.ascontiguousarray(weight.numpy())
-        digest.update(weight.name.split("/", 1)[-1].encode())
-        digest.update(str(value.shape).encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
+# The one weights hash of kdig_tf (stores, run configs and TFLite sidecars record it).
+weights_fingerprint = models.weights_fingerprint
 
 
 def store_settings(dataset, split, teacher_hash, ig_settings, map_encoding="float16", image_size=None):

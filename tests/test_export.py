@@ -93,7 +93,7 @@ def test_sidecar_round_trip_with_labels_and_normalisation(trained, tmp_path):
     assert loaded["input"]["input_kind"] == "normalized"
     assert loaded["input"]["mean"] == pytest.approx(mean) and loaded["input"]["std"] == pytest.approx(std)
     assert loaded["input"]["shape"] == [1, 32, 32, 3]
-    assert loaded["source_model"]["weights_sha256"] == export.weights_sha256(model)
+    assert loaded["source_model"]["weights_sha256"] == models.weights_fingerprint(model)
     trainable = sum(int(np.prod(weight.shape)) for weight in model.trainable_weights)
     assert loaded["source_model"]["params"] == trainable  # BN statistics are not parameters
     assert loaded["source_model"]["params_including_non_trainable"] == model.count_params()
