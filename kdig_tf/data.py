@@ -389,22 +389,34 @@ def preprocess_student(image):
     return to_unit_range(image)
 
 
-def random_crop_flip(image, pad=4, seed=None):
-    """Zero-pad by ``pad``, random crop back to size, random horizontal flip, one image.
+def crop_flip_batch(images, seed, pad=4):
+    """Per-example random crop (zero padding ``pad``) and horizontal flip, vectorised.
 
-    ``seed`` is a stateless seed of shape [2]; without it one is drawn from the global
-    generator. (Maps travel with their images in ``kdig_tf.overlay.crop_flip_batch``.)
+    One gather along rows and one along columns crop every example at its own offset.
+    Any extra channels (e.g. a stacked map) move with the image.
     """
-    shape = tf.shape(image)
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    top = tf.random.stateless_uniform([batch], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([batch], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
+    flip = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
+    rows = top[:, None] + tf.range(height)[None, :]
+    columns = left[:, None] + tf.range(width)[None, :]
+    columns = tf.where(flip[:, None], tf.reverse(columns, axis=[1]), columns)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, columns, axis=2, batch_dims=1)
+
+
+def random_crop_flip(image, pad=4, seed=None):
+    """:func:`crop_flip_batch` for one image [H,W,C].
+
+    ``seed`` is a stateless seed of shape [2]; without it one is drawn from the global generator.
+    """
     if seed is None:
         seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
-    top = tf.random.stateless_uniform([], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
-    cropped = padded[top:top + shape[0], left:left + shape[1], :]
-    flip = tf.random.stateless_uniform([], seeds[2]) < 0.5
-    return tf.cond(flip, lambda: tf.reverse(cropped, axis=[1]), lambda: cropped)
+    return crop_flip_batch(image[None], tf.cast(seed, tf.int64), pad)[0]
 
 
 def classification_dataset(ds, preprocess, batch_size, training=False, shuffle_buffer=50_000,

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from kdig_tf import data
 from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
 from kdig_tf.records import MissingMapsError
 
@@ -66,24 +67,8 @@ def overlay_batch(images, maps, seed, p, beta=0.5, power_range=(1.0, 2.0)):
     return tf.where(applied[:, None, None, None], blended, images), applied
 
 
-def crop_flip_batch(images, seed, pad=4):
-    """Per-example random crop (zero padding ``pad``) and horizontal flip, vectorised.
-
-    One gather along rows and one along columns crop every example at its own offset.
-    Any extra channels (e.g. a stacked map) move with the image.
-    """
-    shape = tf.shape(images)
-    batch, height, width = shape[0], shape[1], shape[2]
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    seeds = tf.random.experimental.stateless_split(seed, 3)
-    top = tf.random.stateless_uniform([batch], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([batch], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
-    flip = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
-    rows = top[:, None] + tf.range(height)[None, :]
-    columns = left[:, None] + tf.range(width)[None, :]
-    columns = tf.where(flip[:, None], tf.reverse(columns, axis=[1]), columns)
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.gather(cropped, columns, axis=2, batch_dims=1)
+# The one crop/flip of kdig_tf lives with the data; the overlay pipelines use it on batches.
+crop_flip_batch = data.crop_flip_batch
 
 
 def split_batch_seed(seed):
