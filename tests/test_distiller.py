@@ -213,3 +213,21 @@ def test_mirrored_strategy_matches_single_device():
     np.testing.assert_allclose(out["mirrored"]["loss"], out["single"]["loss"], atol=1e-5)
     for a, b in zip(out["mirrored"]["weights"], out["single"]["weights"]):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_attention_transfer_layers_are_matched_by_spatial_size_or_refused():
+    teacher, student = _tiny_pair()
+    teacher_layer, student_layer = distiller.matching_feature_layers(teacher, student)
+    student_size = student.get_layer(student_layer).output_shape[1:3]
+    assert teacher.get_layer(teacher_layer).output_shape[1:3] == student_size
+    assert student_layer == [layer.name for layer in student.layers if len(layer.output_shape) == 4][-1]
+    model = distiller.paper_distiller(teacher, student, alpha=0.5, gamma=0.8)  # layers picked by size
+    x, y, _ = _batch()
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    assert "at_loss" in model.test_step((tf.constant(x), tf.constant(y)))
+
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.Conv2D(4, 5, strides=5)(inputs)  # 7x7: no teacher feature map has that size
+    odd = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(pooled)))
+    with pytest.raises(distiller.MissingFeatureLayerError, match="spatial size"):
+        distiller.paper_distiller(teacher, odd, alpha=0.5, gamma=0.8)
