@@ -39,21 +39,10 @@ def main(argv):
 
 
 def _open_or_build_store(store_dir):
-    import time
+    from kdig_tf import records
 
-    import tf_keras as keras
-
-    from kdig_tf import models, records
-
-    if os.path.exists(os.path.join(store_dir, records.MANIFEST)):
-        return records.Store(store_dir), None
-    keras.utils.set_random_seed(FLAGS.seed)
-    teacher = models.build_teacher()
-    targets = records.TeacherTargets(teacher, steps=FLAGS.ig_steps)
-    start = time.perf_counter()
-    records.precompute_store(store_dir, targets, records.weights_fingerprint(teacher), FLAGS.dataset, FLAGS.split,
-                             FLAGS.data_dir, examples_per_shard=FLAGS.examples_per_shard, progress=False)
-    return records.Store(store_dir), time.perf_counter() - start
+    return records.open_or_build_random_store(store_dir, FLAGS.dataset, FLAGS.split, FLAGS.data_dir, FLAGS.ig_steps,
+                                              FLAGS.examples_per_shard, FLAGS.seed)
 
 
 def _run():

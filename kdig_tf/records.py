@@ -448,3 +448,21 @@ class Store:
                 raise DuplicateIdError(f"ids of {shard['file']} do not match the manifest")
             position += shard["count"]
         return ids
+
+
+def open_or_build_random_store(store_dir, dataset, split, data_dir=None, ig_steps=1, examples_per_shard=512,
+                               seed=0):
+    """(Store, build seconds or None): ``store_dir`` opened, or first built with a random-weight
+    CIFAR teacher. For benchmarks: what a store costs to read does not depend on its content."""
+    import time
+
+    import tf_keras as keras
+
+    if os.path.exists(os.path.join(store_dir, MANIFEST)):
+        return Store(store_dir), None
+    keras.utils.set_random_seed(seed)
+    teacher = models.build_teacher()
+    start = time.perf_counter()
+    precompute_store(store_dir, TeacherTargets(teacher, steps=ig_steps), weights_fingerprint(teacher), dataset,
+                     split, data_dir, examples_per_shard=examples_per_shard, progress=False)
+    return Store(store_dir), time.perf_counter() - start
