@@ -552,6 +552,10 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         if teacher.output_shape[-1] != num_classes:
             raise InvalidArgumentError(f"teacher has {teacher.output_shape[-1]} classes, {config.dataset} "
                                        f"has {num_classes}")
+        expected = tuple(teacher.input_shape[1:])
+        if any(want is not None and want != have for want, have in zip(expected, image_shape)):
+            raise ShapeMismatchError(f"teacher takes {expected} images, {config.dataset} gives {image_shape} "
+                                     "(see --image_size)")
     teacher_hash = None if teacher is None else records.weights_fingerprint(teacher)
     os.makedirs(workdir, exist_ok=True)
     claim_workdir(workdir, training_settings(config, teacher_hash))

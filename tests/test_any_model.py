@@ -1,6 +1,7 @@
 """Bring your own teacher, student and data: a ResNet-style teacher and a student given as
 .keras files, 64x64 images of 5 classes from tfds or from an image folder, through
 scripts/distill.py, and the exported .tflite classified by the deploy runner."""
+import dataclasses
 import json
 import os
 import shutil
@@ -13,7 +14,10 @@ import tf_keras as keras
 from PIL import Image
 
 import tiny_tfds
-from kdig_tf import records
+import tensorflow_datasets as tfds
+
+from kdig_tf import models, pipeline, records
+from kdig_tf.errors import ShapeMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISTILL = os.path.join(ROOT, "scripts", "distill.py")
@@ -132,3 +136,30 @@ def test_own_models_on_an_image_folder_and_a_misaligned_store_is_refused(tmp_pat
     refused = _distill(tmp_path / "run2", f"folder:{image_folder}", model_files)
     assert refused.returncode == 2 and "error: StoreError: record indices" in refused.stderr
     assert not (tmp_path / "run2" / "results.json").exists()
+
+
+def test_student_spec_and_image_size_flow_through_the_run(tmp_path):
+    # A built-in student spec on resized images: the student, the store and the results follow the data.
+    teacher_path = str(tmp_path / "cifar_teacher.h5")
+    models.build_teacher(width_multiplier=0.25).save(teacher_path)
+    config = pipeline.DistillConfig(method="kd_ig", teacher=teacher_path, student="mobilenetv2:keep=2,width=0.5",
+                                    image_size=40, train_split="train", val_split="train", epochs=1, batch_size=4,
+                                    ig_steps=2, examples_per_shard=5, export_modes="fp32", verbose=0)
+    with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(ShapeMismatchError, match="teacher takes"):
+            # The CIFAR teacher takes 32x32 images: resized data is refused with a named error.
+            pipeline.run_distillation(config, str(tmp_path / "refused"), progress=False)
+        teacher = keras.Sequential([keras.Input((40, 40, 3)), keras.layers.Rescaling(1 / 255.0),
+                                    keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                                    keras.layers.Dense(10)])
+        teacher.save(str(tmp_path / "teacher40.keras"))
+        results = pipeline.run_distillation(dataclasses.replace(config, teacher=str(tmp_path / "teacher40.keras")),
+                                            str(tmp_path / "run"), progress=False)
+    assert results["image_shape"] == [40, 40, 3]
+    assert results["store"]["ig"]["steps"] == 2
+    manifest = json.loads(open(os.path.join(results["store"]["dir"], "manifest.json")).read())
+    assert manifest["image_size"] == [40, 40] and manifest["image_shape"] == [40, 40, 3]
+    student = keras.models.load_model(results["student_path"], compile=False)
+    assert student.input_shape == (None, 40, 40, 3)
+    assert results["trainable_params"] == models.count_trainable_params(student)
+    assert results["tflite"]["fp32"]["max_abs_logit_diff"] < 1e-4

@@ -54,3 +54,4 @@ def test_kd_online_refuses_the_shuffled_control(teacher_path):
     config = pipeline.DistillConfig(method="kd_online", teacher=teacher_path, cached_targets_order="shuffled")
     with pytest.raises(InvalidArgumentError, match="no cached targets"):
         config.validate()
+
