@@ -10,12 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 import tf_keras as keras
 from PIL import Image
 
 import tiny_tfds
-import tensorflow_datasets as tfds
-
 from kdig_tf import models, pipeline, records
 from kdig_tf.errors import ShapeMismatchError
 
