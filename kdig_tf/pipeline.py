@@ -522,7 +522,10 @@ def _teacher_params(config, teacher):
     if teacher is None:
         if not config.teacher or not os.path.exists(config.teacher):
             return None
-        teacher = load_teacher(config.teacher)
+        try:
+            teacher = load_teacher(config.teacher)
+        except KdigError:  # a method without a teacher must not fail on an unreadable teacher file
+            return None
     return models.count_trainable_params(teacher)
 
 
