@@ -311,3 +311,24 @@ def test_cli_unknown_split_and_dataset(tiny_dir, tiny_student_files):
     _assert_one_line_error(_run_cli(*common, f"--dataset={tiny_tfds.NAME}", "--split=test"),
                            UnknownSplitError.__name__)
     _assert_one_line_error(_run_cli(*common, "--dataset=no_such_dataset_xyz"), "UnknownDatasetError")
+
+
+def test_run_evaluation_of_a_pixel_model_and_of_any_classifier(tmp_path):
+    import tf_keras as keras
+
+    student = models.build_pixel_student(keep_blocks=2)
+    mine = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255.0), keras.layers.Flatten(),
+                             keras.layers.Dense(10)])
+    paths = {"pixel": str(tmp_path / "student.h5"), "mine": str(tmp_path / "mine.keras")}
+    student.save(paths["pixel"])
+    mine.save(paths["mine"])
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds, _ = data.load("cifar10", "train")
+        images, labels = zip(*[(image, label) for image, label, _ in ds])
+        pixels = tf.cast(tf.stack(images), tf.float32)
+        for name, model in (("pixel", student), ("mine", mine)):
+            result = evaluate_script.run_evaluation(paths[name], split="train", progress=False)
+            expected = 100.0 * np.mean(np.argmax(model(pixels), axis=-1) == np.asarray(labels))
+            assert result["accuracy"] == pytest.approx(expected)
+            assert result["input_kind_source"] == "model"
+            assert result["input_kind"] == ("unit" if name == "pixel" else "pixels")
