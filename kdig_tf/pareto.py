@@ -232,7 +232,9 @@ def plot_sweep(report, path):
     students = [dict(row, y=row[y_key] * scale) for row in report["rows"]
                 if row["role"] == "student" and _finite(row.get(y_key))]
     figure, axes = subplots(figsize=(8.0, 5.0))
-    for index, mode in enumerate(report["settings"]["modes"]):
+    modes = list(report["settings"]["modes"])
+    modes += sorted({row["mode"] for row in students} - set(modes))  # QAT and pruned exports
+    for index, mode in enumerate(modes):
         mine = [row for row in students if row["mode"] == mode]
         if mine:
             axes.scatter([row["latency_median_ms"] for row in mine], [row["y"] for row in mine],
@@ -368,6 +370,14 @@ def _trained_file(run_row, mode):
     return path, results
 
 
+def fine_tuned_modes(run_row, modes):
+    """Exports of a finished run beyond ``modes``: its QAT and pruned files (qat_int8, pruned_fp32, ...)."""
+    if run_row is None or run_row["status"] not in experiments.FINISHED:
+        return []
+    results = read_json_or_none(os.path.join(run_row["workdir"], experiments.RESULTS_FILE)) or {}
+    return sorted(mode for mode in (results.get("tflite") or {}) if mode not in modes)
+
+
 def _cached_accuracy(cache, path, flags, accuracy_fn):
     key = f"{sha256_file(path)}:{flags['val_split']}"
     if key not in cache:
@@ -388,9 +398,12 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     ``teacher``: the Keras reference model (default: the CIFAR MobileNetV2, random weights);
     ``launcher(config, workdir)`` trains one candidate (``train`` only; default: the pipeline, in-process).
     """
-    keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
-    widths = parse_widths(widths)
     extra_candidates = [str(name).strip() for name in extra_candidates if str(name).strip()]
+    if extra_candidates and not any(str(value).strip() for value in [*keep_blocks, *widths]):
+        keep_blocks, widths = [], []  # the named candidates alone, no grid
+    else:
+        keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
+        widths = parse_widths(widths)
     for name, value in (("num_threads", num_threads), ("warmup_runs", warmup_runs), ("num_runs", num_runs),
                         ("num_calibration", num_calibration)):
         if int(value) < 1:
@@ -442,7 +455,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         keras.utils.set_random_seed(random_seed)
         student = models.build_student(keep, width_multiplier=width, input_shape=IMAGE_SHAPE, stem_stride=stride)
         params, macs = models.count_trainable_params(student), benchmark.count_macs(student)
-        for mode in modes:
+        for mode in modes + fine_tuned_modes(run_rows.get(name), modes):
             entry = dict(name=name, role="student", keep_blocks=keep, width_multiplier=width, stem_stride=stride,
                          mode=mode, params=params, macs=macs, weights="random", accuracy=None)
             path, results = _trained_file(run_rows.get(name), mode)

@@ -25,6 +25,7 @@ import kdig_tf  # noqa: F401
 import hashlib
 import json
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -305,26 +306,38 @@ def _shard_done(store_dir, shard, num_shards, settings):
 
 def _write_shard(store_dir, shard, num_shards, shard_ds, start, count, teacher_targets, batch_size,
                  settings, bar):
+    def rows():
+        for images, labels, batch_ids in shard_ds.batch(batch_size):
+            logits, maps = teacher_targets(images, labels)
+            for row in range(len(batch_ids)):
+                yield (batch_ids[row].numpy(), labels[row].numpy(), images[row].numpy(), logits[row],
+                       None if maps is None else maps[row])
+            bar.update(len(batch_ids))
+
+    _write_shard_rows(store_dir, shard, num_shards, start, count, rows(), settings)
+
+
+def _write_shard_rows(store_dir, shard, num_shards, start, count, rows, settings, expected_sha256=None):
+    """Write one shard from (id, label, image, logits, map) rows, then its sidecar.
+
+    With ``expected_sha256`` a shard whose bytes differ is deleted and refused.
+    """
     name = shard_name(shard, num_shards)
     record_path = os.path.join(store_dir, name + ".tfrecord")
     ids = []
-    index = start
     with atomic_path(record_path) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
-            for images, labels, batch_ids in shard_ds.batch(batch_size):
-                logits, maps = teacher_targets(images, labels)
-                for row in range(len(batch_ids)):
-                    example_id = batch_ids[row].numpy()
-                    writer.write(serialize_example(example_id, index, labels[row].numpy(), images[row].numpy(),
-                                                   logits[row], None if maps is None else maps[row],
-                                                   settings["map_encoding"]))
-                    ids.append(example_id)
-                    index += 1
-                bar.update(len(batch_ids))
+            for index, (example_id, label, image, logits, ig_map) in enumerate(rows, start):
+                writer.write(serialize_example(example_id, index, label, image, logits, ig_map,
+                                               settings["map_encoding"]))
+                ids.append(example_id)
         if len(ids) != count:
             raise StoreError(f"shard {name}: expected {count} examples, read {len(ids)}")
         if len(set(ids)) != len(ids):
             raise DuplicateIdError(f"shard {name} holds duplicate example ids")
+        if expected_sha256 is not None and sha256_file(tmp) != expected_sha256:
+            raise CorruptShardError(f"shard {name} rebuilt from a pack differs from the packed store's "
+                                    "(other images in the dataset, or a damaged pack)")
     atomic_write_json(os.path.join(store_dir, name + ".json"), {
         "file": name + ".tfrecord", "shard": shard, "start": start, "count": count,
         "sha256": sha256_file(record_path), "ids_sha256": _ids_digest(ids), "settings": settings})
@@ -355,6 +368,92 @@ def finalize_store(store_dir):
                           for meta in sorted(metas, key=lambda m: m["shard"])]
     atomic_write_json(os.path.join(store_dir, MANIFEST), manifest)
     return manifest
+
+
+PACK_VERSION = 1
+
+
+def pack_store(store_dir, pack_path):
+    """Save a finished store without its images: ids, labels, logits and the encoded maps.
+
+    The pack (a compressed ``.npz``, about a fifth of the store) keeps the manifest, so
+    :func:`unpack_store` can rebuild the store from it and the dataset and prove the result
+    byte-identical. It lets a store outlive a machine when the teacher pass took an hour.
+    """
+    store = Store(store_dir)
+    spec = {"id": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
+            "logits": tf.io.FixedLenFeature([store.num_classes], tf.float32),
+            "map": tf.io.FixedLenFeature([], tf.string), "map_scale": tf.io.FixedLenFeature([1], tf.float32)}
+    columns = {key: [] for key in spec}
+    for batch in store.raw_dataset().batch(4096).map(lambda serialized: tf.io.parse_example(serialized, spec)):
+        for key, value in batch.items():
+            columns[key].append(value.numpy())
+    columns = {key: np.concatenate(values) for key, values in columns.items()}
+    map_dtype = {"float16": np.float16, "uint8": np.uint8, NO_MAPS: np.uint8}[store.map_encoding]
+    maps = np.frombuffer(b"".join(columns["map"].tolist()), map_dtype)
+    maps = maps.reshape(store.num_examples, *store.image_shape[:2]) if store.has_maps else maps[:0]
+    with atomic_path(pack_path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, version=np.int64(PACK_VERSION), manifest=np.array(json.dumps(store.manifest)),
+                                ids=columns["id"].astype(np.bytes_), labels=columns["label"],
+                                logits=columns["logits"], maps=maps, map_scales=columns["map_scale"][:, 0])
+    return pack_path
+
+
+def unpack_store(pack_path, store_dir, data_dir=None, progress=True):
+    """Rebuild the store a :func:`pack_store` pack came from, with the images of the dataset.
+
+    Every image must carry the id packed at its position (else :class:`StoreMismatchError`)
+    and every shard must checksum like the packed store's (else :class:`CorruptShardError`);
+    finished shards are skipped, so an interrupted unpack resumes. Returns the :class:`Store`.
+    """
+    if not os.path.isfile(pack_path):
+        raise StoreError(f"store pack {pack_path} does not exist")
+    try:
+        with np.load(pack_path, allow_pickle=False) as pack:
+            if int(pack["version"]) != PACK_VERSION:
+                raise StoreMismatchError(f"pack version {int(pack['version'])} != {PACK_VERSION}")
+            manifest = json.loads(str(pack["manifest"]))
+            ids, labels, logits = pack["ids"], pack["labels"], pack["logits"]
+            maps, scales = pack["maps"], pack["map_scales"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptShardError(f"{pack_path} is not a readable store pack: {err}") from err
+    total = int(manifest["num_examples"])
+    if not len(ids) == len(labels) == len(logits) == total or (manifest["map_encoding"] != NO_MAPS and len(maps) != total):
+        raise CorruptShardError(f"{pack_path}: column lengths do not match the manifest's {total} examples")
+    settings = {key: value for key, value in manifest.items() if key != "shards"}
+    os.makedirs(store_dir, exist_ok=True)
+    _refuse_foreign_store(store_dir, settings)
+    ds, _ = data.load(manifest["dataset"], manifest["split"], data_dir, image_size=manifest.get("image_size"))
+    num_shards = len(manifest["shards"])
+    encoding = manifest["map_encoding"]
+
+    def decoded_map(index):
+        if encoding == NO_MAPS:
+            return None
+        if encoding == "float16":
+            return maps[index].astype(np.float32)
+        return maps[index].astype(np.float32) / 255.0 * scales[index]
+
+    def rows(shard_ds, start):
+        for index, (image, label, example_id) in enumerate(shard_ds.as_numpy_iterator(), start):
+            if example_id != ids[index] or label != labels[index]:
+                raise StoreMismatchError(f"example {index} of {manifest['split']} is {example_id!r} (label {label}), "
+                                         f"the pack has {ids[index]!r} (label {labels[index]}): other data")
+            yield example_id, label, image, logits[index], decoded_map(index)
+            bar.update(1)
+
+    todo = [(shard, entry) for shard, entry in enumerate(manifest["shards"])
+            if not _shard_done(store_dir, shard, num_shards, settings)]
+    bar = tqdm(total=sum(entry["count"] for _, entry in todo), unit="img", desc="unpacking store",
+               disable=not progress)
+    for shard, entry in todo:
+        _write_shard_rows(store_dir, shard, num_shards, entry["start"], entry["count"],
+                          rows(ds.skip(entry["start"]).take(entry["count"]), entry["start"]), settings,
+                          expected_sha256=entry["sha256"])
+    bar.close()
+    finalize_store(store_dir)
+    return Store(store_dir, expected=settings)
 
 
 class Store:

@@ -9,6 +9,13 @@ fp32 teacher at batch 1 on one thread, and what accuracy does it keep?
     python scripts/latency_sweep.py --train --flagfile_base=flags/quick.cfg \
         --data_dir=../shared/tensorflow_datasets --output_dir=results/latency_sweep_quick
 
+    # a few named students trained to convergence, plus their QAT and pruned copies:
+    python scripts/latency_sweep.py --train --keep_blocks= --widths= \
+        --extra_candidates=k14_w1_s2,k14_w0.75_s2 --flagfile_base=flags/study_long.cfg \
+        --extra_flags="--qat_epochs=2 --prune_sparsity=0.5 --prune_epochs=2" \
+        --data_dir=../shared/tensorflow_datasets --num_runs=200 --warmup_runs=20 \
+        --output_dir=results/latency_sweep_long
+
 Every candidate is timed with LiteRT (XNNPACK) in a fresh subprocess; the fp32 teacher is
 timed first and last in the same run and is the reference for every speed-up. With
 ``--train`` each candidate is a distillation run in this process (what ``scripts/distill.py``
@@ -34,8 +41,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("keep_blocks", ["14", "12", "10", "8", "6"], "Student depths (feature modules kept).")
 flags.DEFINE_list("widths", ["1.0", "0.75", "0.5", "0.35", "0.25"], "Student width multipliers.")
 flags.DEFINE_list("extra_candidates", [], "Students added to the grid by name, k<keep>_w<width>[_s<stem stride>]: "
-                  "e.g. k14_w0.5_s2 (a stride-2 stem: 4x fewer MACs).")
-flags.DEFINE_list("modes", ["fp32", "int8"], "TFLite modes of every candidate: fp32, fp16, dynamic, int8.")
+                  "e.g. k14_w0.5_s2 (a stride-2 stem: 4x fewer MACs). With --keep_blocks= --widths= "
+                  "(both empty) only these are swept.")
+flags.DEFINE_list("modes", ["fp32", "int8"], "TFLite modes of every candidate: fp32, fp16, dynamic, int8. "
+                  "With --train, a run's QAT and pruned exports (--extra_flags=\"--qat_epochs=.. "
+                  "--prune_sparsity=..\") are timed too.")
 flags.DEFINE_integer("num_threads", 1, "Interpreter threads.")
 flags.DEFINE_integer("warmup_runs", 5, "Untimed warmup invocations per model.")
 flags.DEFINE_integer("num_runs", 50, "Timed invocations per model (median and p90 reported).")

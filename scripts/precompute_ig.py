@@ -9,6 +9,15 @@ methods without the overlay such as ``kd``.
 Resumable: finished shards are kept and never recomputed. To scale out, start one process
 per worker with --shard_index=i --num_workers=n (same flags otherwise), then run once
 with --merge to write the manifest.
+
+A store can outlive its machine as a pack (targets without images, ~2/5 of the store):
+
+    python scripts/precompute_ig.py ... --pack=results/store_train45000_gl16.npz   # after building
+    python scripts/precompute_ig.py --unpack=results/store_train45000_gl16.npz \
+        --output_dir=runs/store --data_dir=../shared/tensorflow_datasets              # minutes, not an hour
+
+Unpacking checks that every image carries the packed example id and that every shard is
+byte-identical to the packed store's.
 """
 import os
 
@@ -33,6 +42,9 @@ flags.DEFINE_string("map_encoding", "float16", "float16, uint8 with a per-map sc
 flags.DEFINE_integer("shard_index", 0, "This worker's index in [0, num_workers).")
 flags.DEFINE_integer("num_workers", 1, "Number of workers splitting the shards.")
 flags.DEFINE_bool("merge", False, "Only merge finished shards into manifest.json.")
+flags.DEFINE_string("pack", None, "After building (or merging), also save the store without images to this .npz.")
+flags.DEFINE_string("unpack", None, "Rebuild the store in --output_dir from this pack and the dataset "
+                    "(no teacher needed; the teacher and IG flags are ignored).")
 
 
 def main(argv):
@@ -45,13 +57,23 @@ def _run():
     import time
 
     from kdig_tf import records
+    from kdig_tf.errors import InvalidArgumentError
     from kdig_tf.pipeline import load_teacher
 
+    if FLAGS.unpack:
+        if FLAGS.pack or FLAGS.merge:
+            raise InvalidArgumentError("--unpack cannot be combined with --pack or --merge")
+        start = time.time()
+        store = records.unpack_store(FLAGS.unpack, FLAGS.output_dir, FLAGS.data_dir)
+        print(f"unpacked {store.num_examples} examples of {store.manifest['split']} in {time.time() - start:.0f}s "
+              f"-> {os.path.join(FLAGS.output_dir, records.MANIFEST)}")
+        return
     if FLAGS.merge:
         manifest = records.finalize_store(FLAGS.output_dir)
         records.Store(FLAGS.output_dir)
         print(f"merged {len(manifest['shards'])} shards, {manifest['num_examples']} examples -> "
               f"{os.path.join(FLAGS.output_dir, records.MANIFEST)}")
+        _pack()
         return
     teacher = load_teacher(FLAGS.teacher)
     targets = records.TeacherTargets(teacher, steps=FLAGS.steps, method=FLAGS.method, baseline=FLAGS.baseline,
@@ -65,6 +87,16 @@ def _run():
     done = "manifest written" if FLAGS.num_workers == 1 else "run --merge once every worker has finished"
     print(f"{settings['num_examples']} examples of {FLAGS.split} in {seconds:.0f}s "
           f"(this worker: {FLAGS.shard_index}/{FLAGS.num_workers}); {done}")
+    if FLAGS.num_workers == 1:
+        _pack()
+
+
+def _pack():
+    from kdig_tf import records
+
+    if FLAGS.pack:
+        records.pack_store(FLAGS.output_dir, FLAGS.pack)
+        print(f"packed -> {FLAGS.pack} ({os.path.getsize(FLAGS.pack) / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,16 @@ def fake_distill(fail=()):
         for mode in config.modes():
             path = os.path.join(workdir, f"student_{mode}.tflite")
             with open(path, "wb") as handle:
-                handle.write(b"x" * int(1000 * config.width_multiplier * config.keep_blocks / config.stem_stride))
+                # Distinct bytes per mode: accuracies are cached by file hash.
+                handle.write(mode.encode() + b"x" * int(1000 * config.width_multiplier * config.keep_blocks
+                                                        / config.stem_stride))
+            exports[mode] = {"path": path}
+        fine_tuned = (["qat_int8"] if config.qat_epochs else []) + \
+            ([f"pruned_{mode}" for mode in config.modes()] if config.prune_sparsity else [])
+        for mode in fine_tuned:  # smaller files than the plain exports, so faster for size_latency
+            path = os.path.join(workdir, f"student_{mode}.tflite")
+            with open(path, "wb") as handle:
+                handle.write(mode.encode().ljust(12, b"x"))
             exports[mode] = {"path": path}
         results = {"val_accuracy": 50.0 + config.keep_blocks, "tflite": exports, "flags": flags}
         with open(os.path.join(workdir, "results.json"), "w") as handle:
@@ -231,6 +240,31 @@ def test_trained_sweep_is_reported_from_a_moved_checkout(tmp_path):
     trained = {row["name"]: row for row in report["rows"]}["k1_w0.25"]
     assert trained["weights"] == "trained" and trained["accuracy"] == 61.0
     assert trained["path"].startswith(str(tmp_path / "moved"))
+
+
+def test_trained_sweep_times_the_qat_and_pruned_exports(tmp_path):
+    base = tmp_path / "base.cfg"
+    base.write_text("--method=kd_ig\n--epochs=1\n--qat_epochs=1\n--prune_sparsity=0.5\n")
+    launch, calls = fake_distill()
+    measured = {}
+
+    def accuracy(path, flags):
+        measured[os.path.basename(path)] = flags["qat_epochs"]
+        return {"accuracy": 70.0 if "qat" in path else 60.0, "num_examples": 10}
+
+    # Named candidates alone (empty grid lists), as for a few converged students.
+    report = pareto.run_latency_sweep(str(tmp_path / "sweep"), [""], [], ["fp32", "int8"], ["k1_w0.25"], train=True,
+                                      flagfile=str(base), num_runs=2, warmup_runs=1, num_calibration=4,
+                                      teacher=small_teacher(), latency_fn=size_latency, accuracy_fn=accuracy,
+                                      launcher=launch, command="test", log=quiet)
+    assert len(calls) == 1
+    student_modes = sorted(row["mode"] for row in report["rows"] if row["role"] == "student")
+    assert student_modes == ["fp32", "int8", "pruned_fp32", "pruned_int8", "qat_int8"]
+    assert sorted(measured) == [f"student_{mode}.tflite" for mode in student_modes]
+    qat = next(row for row in report["rows"] if row["mode"] == "qat_int8")
+    assert qat["weights"] == "trained" and qat["accuracy"] == 70.0 and qat["file_size_bytes"] == 12
+    assert report["best_fast"]["mode"] == "qat_int8"
+    assert "| qat_int8 |" in (tmp_path / "sweep" / "latency_sweep.md").read_text()
 
 
 def test_script_rejects_bad_flags():

@@ -52,3 +52,19 @@ def test_unknown_map_encoding_exits_non_zero_and_writes_nothing(tmp_path, teache
     assert result.returncode != 0
     assert "map_encoding" in result.stderr
     assert not os.path.exists(store_dir / records.MANIFEST)
+
+
+def test_a_packed_store_is_unpacked_without_the_teacher(tmp_path, teacher_path):
+    store_dir, pack = tmp_path / "store", tmp_path / "store.npz"
+    built = _precompute(tmp_path, f"--teacher={teacher_path}", f"--output_dir={store_dir}", "--steps=2",
+                        f"--pack={pack}")
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "packed ->" in built.stdout and pack.exists()
+    unpacked = _precompute(tmp_path, f"--unpack={pack}", f"--output_dir={tmp_path / 'unpacked'}",
+                           "--teacher=/nonexistent.h5")
+    assert unpacked.returncode == 0, unpacked.stderr[-3000:]
+    assert "unpacked 12 examples of train" in unpacked.stdout
+    assert (tmp_path / "unpacked" / records.MANIFEST).read_text() == (store_dir / records.MANIFEST).read_text()
+    missing = _precompute(tmp_path, f"--unpack={tmp_path / 'nothing.npz'}", f"--output_dir={tmp_path / 'none'}")
+    assert missing.returncode == 2 and "StoreError" in missing.stderr
+    assert not (tmp_path / "none" / records.MANIFEST).exists()

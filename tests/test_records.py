@@ -316,3 +316,52 @@ def test_map_presence_must_match_the_encoding(mock_cifar, tiny_teacher, tmp_path
         records.precompute_store(str(tmp_path), records.TeacherTargets(tiny_teacher, with_maps=False),
                                  records.weights_fingerprint(tiny_teacher), split="train", progress=False)
     assert [p for p in os.listdir(tmp_path) if not p.startswith(".")] == []
+
+
+def _shard_checksums(store_dir):
+    return [shard["sha256"] for shard in records.Store(str(store_dir)).manifest["shards"]]
+
+
+@pytest.mark.parametrize("encoding", ["float16", "uint8", records.NO_MAPS])
+def test_a_pack_rebuilds_the_identical_store(mock_cifar, tiny_teacher, tmp_path, encoding):
+    original = tmp_path / "original"
+    if encoding == records.NO_MAPS:
+        _build_logits_only(original, tiny_teacher)
+    else:
+        _build(original, tiny_teacher, map_encoding=encoding)
+    pack = records.pack_store(str(original), str(tmp_path / "store.npz"))
+    with np.load(pack) as columns:  # the images stay in the dataset
+        assert sorted(columns.files) == ["ids", "labels", "logits", "manifest", "map_scales", "maps", "version"]
+    assert os.path.getsize(pack) < sum(os.path.getsize(f) for f in records.Store(str(original)).files)
+    rebuilt = records.unpack_store(pack, str(tmp_path / "rebuilt"), progress=False)
+    assert rebuilt.manifest == records.Store(str(original)).manifest
+    assert _shard_checksums(tmp_path / "rebuilt") == _shard_checksums(original)
+    # A second unpack finds every shard finished and leaves them alone.
+    stamps = [os.path.getmtime(f) for f in rebuilt.files]
+    records.unpack_store(pack, str(tmp_path / "rebuilt"), progress=False)
+    assert stamps == [os.path.getmtime(f) for f in rebuilt.files]
+
+
+def test_an_unpack_on_other_data_or_a_damaged_pack_is_refused(mock_cifar, built_store, tmp_path):
+    pack_path = records.pack_store(str(built_store), str(tmp_path / "store.npz"))
+    with np.load(pack_path) as pack:
+        columns = dict(pack)
+    # The ids of two examples swapped: the dataset's images no longer carry the packed ids.
+    swapped = dict(columns, ids=columns["ids"][[1, 0, *range(2, NUM_EXAMPLES)]])
+    np.savez_compressed(tmp_path / "swapped.npz", **swapped)
+    with pytest.raises(records.StoreMismatchError):
+        records.unpack_store(str(tmp_path / "swapped.npz"), str(tmp_path / "a"), progress=False)
+    assert not os.path.exists(tmp_path / "a" / records.MANIFEST)
+    # A map changed by one float16 step: the rebuilt shard does not checksum like the original.
+    maps = columns["maps"].copy()
+    maps.view(np.uint16)[0, 0, 0] += 1
+    np.savez_compressed(tmp_path / "damaged.npz", **dict(columns, maps=maps))
+    with pytest.raises(records.CorruptShardError):
+        records.unpack_store(str(tmp_path / "damaged.npz"), str(tmp_path / "b"), progress=False)
+    assert not os.path.exists(tmp_path / "b" / records.MANIFEST)
+    assert not [name for name in os.listdir(tmp_path / "b") if name.startswith("shard-00000")]
+    (tmp_path / "truncated.npz").write_bytes(open(pack_path, "rb").read()[:100])
+    with pytest.raises(records.CorruptShardError):
+        records.unpack_store(str(tmp_path / "truncated.npz"), str(tmp_path / "c"), progress=False)
+    with pytest.raises(records.StoreError):
+        records.unpack_store(str(tmp_path / "missing.npz"), str(tmp_path / "d"), progress=False)
