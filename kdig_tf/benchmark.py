@@ -523,12 +523,7 @@ def keras_predictor(model):
 def tflite_predictor(path, num_threads=None, max_batch=256):
     """(predict, preprocess) of a kdig_tf .tflite: ``preprocess`` maps uint8 images to its input
     as its sidecar describes ([0, 1], mean/std normalised, or pixels)."""
-    from kdig_tf import export, models
+    from kdig_tf import export
 
     model = export.TFLiteModel(path, num_threads=num_threads or os.cpu_count() or 1, max_batch=max_batch)
-    recorded = export.load_sidecar(path)["input"]
-    kind, mean, std = recorded.get("input_kind"), recorded.get("mean"), recorded.get("std")
-    if kind == "normalized" and mean is None:
-        mean, std = models.CIFAR10_MEAN, models.CIFAR10_STD
-    spec = models.InputSpec(kind, None if mean is None else tuple(mean), None if std is None else tuple(std))
-    return model.predict, spec.from_pixels
+    return model.predict, export.sidecar_input_spec(path).from_pixels

@@ -400,6 +400,31 @@ def load_sidecar(path):
     return sidecar
 
 
+def sidecar_input_spec(path, required=True):
+    """The :class:`models.InputSpec` the sidecar of the .tflite ``path`` records.
+
+    "normalized" without statistics means the CIFAR-10 ones (sidecars written before they
+    were recorded). With ``required=False`` a model without a sidecar gives None; a sidecar
+    that exists but is unreadable or invalid always raises rather than fall back to a guess.
+    """
+    json_path = sidecar_path(path)
+    if not required and not os.path.isfile(json_path):
+        return None
+    recorded = load_sidecar(path)["input"]
+    kind = recorded.get("input_kind")
+    if kind not in INPUT_KINDS:
+        raise NotAModelError(f"sidecar {json_path} has input_kind {kind!r}, expected one of {list(INPUT_KINDS)}")
+    if kind != "normalized":
+        return models.InputSpec(kind)
+    mean, std = recorded.get("mean"), recorded.get("std")
+    if mean is None and std is None:
+        return models.CIFAR10_TEACHER_INPUT
+    try:
+        return models.InputSpec(kind, tuple(float(value) for value in mean), tuple(float(value) for value in std))
+    except (TypeError, ValueError, InvalidArgumentError) as err:
+        raise NotAModelError(f"sidecar {json_path} has an invalid mean/std: {err}") from err
+
+
 def check_export(keras_model, tflite_path, images, labels):
     """Compare a converted model with its Keras source on preprocessed float ``images``."""
     images = np.asarray(images, np.float32)

@@ -51,48 +51,6 @@ def tflite_predictor(path):
     return model.predict, names, int(model.output_spec["shape"][-1])
 
 
-def sidecar_input(path):
-    """(input_kind, mean, std) recorded in the sidecar of the .tflite ``path``; None if it has none.
-
-    mean/std are None for "unit" input, and for "normalized" input whose sidecar records no
-    statistics (then the CIFAR-10 ones apply). A sidecar that exists but cannot be read, is
-    not a kdig_tf sidecar or does not describe the model raises (NotAModelError,
-    SidecarMismatchError) rather than fall back to a guess.
-    """
-    from kdig_tf import export
-    from kdig_tf.errors import NotAModelError
-
-    json_path = export.sidecar_path(path)
-    if not os.path.isfile(json_path):
-        return None
-    spec = export.load_sidecar(path)["input"]
-    kind = spec.get("input_kind")
-    if kind not in export.INPUT_KINDS:
-        raise NotAModelError(
-            f"sidecar {json_path} has input_kind {kind!r}, expected one of {list(export.INPUT_KINDS)}")
-    mean, std = spec.get("mean"), spec.get("std")
-    if kind == "unit" or (mean is None and std is None):
-        return kind, None, None
-    try:
-        mean, std = [float(value) for value in mean], [float(value) for value in std]
-    except (TypeError, ValueError) as err:
-        raise NotAModelError(f"sidecar {json_path} has an invalid mean/std: {err}") from err
-    return kind, mean, std
-
-
-def input_preprocess(kind, mean=None, std=None):
-    """uint8 image -> model input for ``kind``; "normalized" uses ``mean``/``std`` if given
-    (else the CIFAR-10 statistics). Returns (function, mean, std actually used)."""
-    from kdig_tf import models
-
-    if kind != "normalized":
-        return models.InputSpec(kind).from_pixels, None, None
-    if mean is None:
-        mean, std = models.CIFAR10_MEAN, models.CIFAR10_STD
-    spec = models.InputSpec(kind, tuple(float(value) for value in mean), tuple(float(value) for value in std))
-    return spec.from_pixels, list(spec.mean), list(spec.std)
-
-
 def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
                    data_dir=None, batch_size=256, limit=0, output_json=None, progress=True):
     """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
@@ -113,7 +71,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
             raise InvalidArgumentError(f"--output_json {output_json} would overwrite the model's sidecar")
         predictor, names, num_outputs = tflite_predictor(weights)
         found_arch, found_keep = loading.describe_names(names)
-        recorded = sidecar_input(weights)
+        recorded = export.sidecar_input_spec(weights, required=False)
         names_source = "tensor names"
         if recorded is None:
             print(f"warning: no sidecar {export.sidecar_path(weights)}; input kind guessed from "
@@ -137,14 +95,13 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         keep_blocks = found_keep
     if weights.lower().endswith(".tflite"):
         if recorded is not None:
-            kind, mean, std = recorded
-            source = "sidecar"
+            spec, source = recorded, "sidecar"
         else:
-            kind, mean, std = loading.input_kind(arch), None, None
-        preprocess, mean, std = input_preprocess(kind, mean, std)
+            spec = models.CIFAR10_TEACHER_INPUT if loading.input_kind(arch) == "normalized" else models.UNIT_INPUT
+        preprocess = spec.from_pixels
     else:
-        kind, mean, std = spec.space, spec.mean and list(spec.mean), spec.std and list(spec.std)
-        preprocess = models.PIXEL_INPUT.from_pixels
+        preprocess = models.PIXEL_INPUT.from_pixels  # a pixel model: it scales its own input
+    kind, mean, std = spec.space, spec.mean and list(spec.mean), spec.std and list(spec.std)
 
     ds, info = data.load(dataset, split, data_dir)
     if num_outputs != data.num_classes(info):

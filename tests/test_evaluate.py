@@ -247,6 +247,35 @@ def test_tflite_sidecar_mismatch_is_an_error(tmp_path, normalized_export):
         evaluate_script.run_evaluation(path, split="train", progress=False)
 
 
+@pytest.mark.parametrize("change, expected", [
+    ({"input_kind": "bgr"}, NotAModelError),
+    ({"mean": ["a", "b", "c"]}, NotAModelError),
+    ({"mean": None, "std": None}, "cifar"),  # sidecars from before the statistics were recorded
+])
+def test_the_sidecar_reader_refuses_invalid_input_records(tmp_path, normalized_export, change, expected):
+    from kdig_tf import benchmark, export, models
+
+    path = _copy_export(normalized_export[1], tmp_path)
+    assert export.sidecar_input_spec(path).mean == pytest.approx(SIDECAR_MEAN)
+    json_path = export.sidecar_path(path)
+    sidecar = json.loads(open(json_path).read())
+    sidecar["input"].update(change)
+    with open(json_path, "w") as handle:
+        json.dump(sidecar, handle)
+    if expected == "cifar":
+        assert export.sidecar_input_spec(path) == models.CIFAR10_TEACHER_INPUT
+        return
+    for read in (export.sidecar_input_spec, benchmark.tflite_predictor):
+        with pytest.raises(expected):
+            read(path)
+    with pytest.raises(expected):  # an invalid sidecar is never replaced by a guess
+        evaluate_script.run_evaluation(path, split="train", progress=False)
+    os.remove(json_path)
+    assert export.sidecar_input_spec(path, required=False) is None
+    with pytest.raises(NotAModelError):
+        export.sidecar_input_spec(path)
+
+
 def test_output_json_may_not_overwrite_the_sidecar(tmp_path, normalized_export):
     from kdig_tf import export
     from kdig_tf.errors import InvalidArgumentError
