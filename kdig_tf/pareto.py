@@ -185,9 +185,9 @@ def to_markdown(report):
         f"{machine['load_average_before']} before, {machine['load_average_after']} after.",
         "",
         "| candidate | keep | width | stem stride | mode | params | MACs (M) | MAC ratio | median ms | p90 ms "
-        "| speed-up (median) | speed-up (p90) | vs teacher same mode | val acc (%) | Pareto | "
+        "| speed-up (median) | speed-up (p90) | vs teacher same mode | val acc (%) | file (KiB) | Pareto | "
         f">= {target:g}x |",
-        "|" + "---|" * 16,
+        "|" + "---|" * 17,
     ]
     for row in report["rows"]:
         lines.append("| " + " | ".join([
@@ -199,6 +199,7 @@ def to_markdown(report):
             _fmt(row.get("speedup_p90"), ".2f") + ("x" if _finite(row.get("speedup_p90")) else ""),
             _fmt(row.get("speedup_vs_teacher_same_mode"), ".2f"),
             _fmt(row.get("accuracy"), ".2f"),
+            _fmt(row.get("file_size_bytes") and row["file_size_bytes"] / 1024, ".1f"),
             "yes" if row.get("pareto") else "", "yes" if row.get("fast") else "",
         ]) + " |")
     fast = report["fast_candidates"]
