@@ -386,6 +386,68 @@ def load_average():
     return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def _machine_busy_cpu_seconds():
+    """Non-idle CPU time of all processes since boot, from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(value) for value in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    # steal is time the hypervisor gave to other guests: a competitor too.
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds():
+    """CPU time of this process and of its children that have been waited for."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class CpuCompetition:
+    """How much CPU *other* processes used while a measurement ran.
+
+    The load average cannot say this: a timing loop adds its own load to it, and in a sweep that
+    trained first the one-minute average still carries the training. Here the machine's non-idle
+    CPU time (``/proc/stat``) minus this process's and its finished children's is what others
+    took. ``other_cpus`` is that as an average number of busy CPUs (None off Linux).
+    Isolated timings run in child processes that are waited for, so they count as our own.
+
+        with CpuCompetition() as competition:
+            ...time models...
+        competition.summary()
+    """
+
+    def __enter__(self):
+        self._start = (_machine_busy_cpu_seconds(), _own_cpu_seconds(), time.monotonic())
+        self.other_cpu_seconds = self.wall_seconds = self.other_cpus = None
+        return self
+
+    def __exit__(self, *exc_info):
+        machine_start, own_start, wall_start = self._start
+        machine_end, own_end = _machine_busy_cpu_seconds(), _own_cpu_seconds()
+        self.wall_seconds = time.monotonic() - wall_start
+        if machine_start is not None and machine_end is not None:
+            # Clock ticks are coarse (10 ms), so a small negative difference is rounding, not a gain.
+            self.other_cpu_seconds = max(0.0, (machine_end - machine_start) - (own_end - own_start))
+            self.other_cpus = self.other_cpu_seconds / self.wall_seconds if self.wall_seconds > 0 else None
+        return False
+
+    def summary(self):
+        return {"other_processes_cpu_seconds": _round_or_none(self.other_cpu_seconds, 2),
+                "other_processes_cpus": _round_or_none(self.other_cpus, 3),
+                "wall_seconds": _round_or_none(self.wall_seconds, 2)}
+
+
+def _round_or_none(value, digits):
+    return None if value is None else round(float(value), digits)
+
+
 def cpu_model():
     """The CPU's model name (Linux), or None. Sessions here land on AMD and Intel machines alike,
     and latency ratios differ between them, so every benchmark records it."""

@@ -43,6 +43,9 @@ TEACHER = "teacher"
 REFERENCE_MODE = "fp32"
 IMAGE_SHAPE = (32, 32, 3)
 # Distillation flags the sweep sets per candidate.
+# Average CPUs that other processes may keep busy during the timings before the report warns
+# (a quiet machine here shows about 0.01-0.05).
+COMPETING_CPUS_WARNING = 0.2
 SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes")
 
 
@@ -168,6 +171,13 @@ def _fmt(value, spec):
     return format(value, spec) if _finite(value) else "-"
 
 
+def _competition_text(competition):
+    if not competition or competition.get("other_processes_cpus") is None:
+        return ""
+    return (f"; other processes kept {competition['other_processes_cpus']:.2f} CPUs busy on average during "
+            f"the {competition['wall_seconds']:.0f} s of timings")
+
+
 def to_markdown(report):
     target = report["target_speedup"]
     reference = report["reference"]
@@ -182,7 +192,8 @@ def to_markdown(report):
         f"first and last in this run: {reference['median_ms']:.3f} ms median "
         f"(drift last/first {_fmt(reference.get('drift'), '.3f')}).",
         f"{machine['cpu_count']} CPUs ({machine.get('cpu_model') or machine['machine']}), load average "
-        f"{machine['load_average_before']} before, {machine['load_average_after']} after.",
+        f"{machine['load_average_before']} before, {machine['load_average_after']} after the timings"
+        f"{_competition_text(machine.get('timing_competition'))}.",
         "",
         "| candidate | keep | width | stem stride | mode | params | MACs (M) | MAC ratio | median ms | p90 ms "
         "| speed-up (median) | speed-up (p90) | vs teacher same mode | val acc (%) | file (KiB) | Pareto | "
@@ -419,7 +430,6 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         models.resolve_keep_blocks(keep)
     grid = candidate_grid(keep_blocks, widths, extra_candidates)
     os.makedirs(output_dir, exist_ok=True)
-    load_before = benchmark.load_average()
 
     run_rows, val_split = {}, None
     if train:
@@ -486,9 +496,11 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
 
     first_index = next(i for i, e in enumerate(entries) if e["role"] == TEACHER and e["mode"] == REFERENCE_MODE)
     reference_entry = entries.pop(first_index)
-    first = timed(reference_entry)
-    rows = [timed(entry) for entry in entries]
-    last = timed(reference_entry)
+    load_before = benchmark.load_average()
+    with benchmark.CpuCompetition() as competition:
+        first = timed(reference_entry)
+        rows = [timed(entry) for entry in entries]
+        last = timed(reference_entry)
     reference = {
         "model": TEACHER, "keras_name": teacher.name, "mode": REFERENCE_MODE, "macs": teacher_macs,
         "median_ms": 0.5 * (first["latency_median_ms"] + last["latency_median_ms"]),
@@ -523,11 +535,12 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     # Reference first, then the other teacher modes, then students by latency.
     rows.sort(key=lambda row: (row["role"] != TEACHER, row["role"] == TEACHER and row["mode"] != REFERENCE_MODE,
                                row["latency_median_ms"]))
-    machine = dict(machine_info(), load_average_before=load_before, load_average_after=benchmark.load_average())
-    busy = [value[0] for value in (load_before, machine["load_average_after"]) if value]
-    if busy and max(busy) > 0.5 * (machine["cpu_count"] or 1):
-        warnings.append(f"1-minute load average {' / '.join(map(str, busy))} (before / after) on "
-                        f"{machine['cpu_count']} CPUs: other jobs competed for the cores")
+    machine = dict(machine_info(), load_average_before=load_before, load_average_after=benchmark.load_average(),
+                   timing_competition=competition.summary())
+    # Not the load average: the timings raise it themselves, and after --train it still holds the training.
+    if competition.other_cpus is not None and competition.other_cpus > COMPETING_CPUS_WARNING:
+        warnings.append(f"other processes kept {competition.other_cpus:.2f} CPUs busy on average during the "
+                        f"timings (of {machine['cpu_count']}): they competed for the cores; rerun on a quiet machine")
     report = {
         "command": command or shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),

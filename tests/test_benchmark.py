@@ -262,3 +262,40 @@ def test_benchmark_script_bad_spec_exits_2(tmp_path, bad_flag):
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")
+
+
+def test_cpu_competition_subtracts_our_own_cpu(monkeypatch):
+    machine = iter([100.0, 106.0])  # non-idle CPU seconds of the whole machine, start and end
+    own = iter([10.0, 12.0])         # this process and its waited-for children
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(benchmark, "_machine_busy_cpu_seconds", lambda: next(machine))
+    monkeypatch.setattr(benchmark, "_own_cpu_seconds", lambda: next(own))
+    monkeypatch.setattr(benchmark.time, "monotonic", lambda: next(clock))
+    with benchmark.CpuCompetition() as competition:
+        pass
+    assert competition.other_cpu_seconds == pytest.approx(4.0)
+    assert competition.other_cpus == pytest.approx(2.0)
+    assert competition.summary() == {"other_processes_cpu_seconds": 4.0, "other_processes_cpus": 2.0,
+                                     "wall_seconds": 2.0}
+
+
+def test_cpu_competition_without_proc_stat(monkeypatch):
+    monkeypatch.setattr(benchmark, "_machine_busy_cpu_seconds", lambda: None)
+    with benchmark.CpuCompetition() as competition:
+        pass
+    assert competition.other_cpus is None and competition.summary()["other_processes_cpus"] is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat (Linux)")
+def test_cpu_competition_sees_a_process_it_did_not_wait_for():
+    busy_loop = "import time\nend = time.time() + 1.0\nwhile time.time() < end:\n    pass\n"
+    with benchmark.CpuCompetition() as competition:
+        competitor = subprocess.Popen([sys.executable, "-c", busy_loop])
+        competitor_done = False
+        while not competitor_done:  # poll() would reap it (then it counts as ours): watch /proc instead
+            with open(f"/proc/{competitor.pid}/stat") as handle:
+                competitor_done = handle.read().split(") ", 1)[1].startswith("Z")
+    competitor.wait()
+    # Even on a loaded 2-core machine the loop gets a good part of its second of CPU.
+    assert competition.other_cpu_seconds > 0.3
+    assert 0 < competition.other_cpus <= os.cpu_count() + 0.1

@@ -145,6 +145,35 @@ def test_latency_only_end_to_end(tmp_path):
     assert stamps == {name: os.path.getmtime(os.path.join(out, "tflite", name)) for name in stamps}
 
 
+@pytest.mark.parametrize("other_cpus, warned", [(1.5, True), (0.0, False)])
+def test_competing_processes_during_the_timings_are_reported(tmp_path, monkeypatch, other_cpus, warned):
+    """The warning rests on CPU others used while the models were timed, not on the load average."""
+
+    class FixedCompetition:
+        def __enter__(self):
+            self.other_cpus = other_cpus
+            return self
+
+        def __exit__(self, *exc_info):
+            return False
+
+        def summary(self):
+            return {"other_processes_cpu_seconds": 3 * other_cpus, "other_processes_cpus": other_cpus,
+                    "wall_seconds": 3.0}
+
+    monkeypatch.setattr(pareto.benchmark, "CpuCompetition", FixedCompetition)
+    monkeypatch.setattr(pareto.benchmark, "load_average", lambda: [9.0, 9.0, 9.0])  # ignored for the warning
+    out = str(tmp_path / "sweep")
+    report = pareto.run_latency_sweep(out, ["1"], ["0.25"], ["fp32"], num_runs=2, warmup_runs=1,
+                                      num_calibration=4, teacher=small_teacher(), latency_fn=size_latency,
+                                      command="test", log=quiet)
+    assert report["machine"]["timing_competition"]["other_processes_cpus"] == other_cpus
+    assert any("competed for the cores" in warning for warning in report["warnings"]) == warned
+    markdown = open(os.path.join(out, "latency_sweep.md")).read()
+    assert f"other processes kept {other_cpus:.2f} CPUs busy on average during the 3 s of timings" in markdown
+    assert ("competed for the cores" in markdown) == warned
+
+
 def fake_distill(fail=()):
     """Stands in for the pipeline: a results.json whose exported .tflite files are placeholders."""
     calls = []
