@@ -163,7 +163,9 @@ def _run():
         if store.num_examples < max(batch_sizes):
             raise InvalidArgumentError(f"the store holds {store.num_examples} examples, fewer than the largest "
                                        f"batch size {max(batch_sizes)}")
-        rows = [_measure_batch_size(store, batch_size) for batch_size in batch_sizes]
+        # Other processes' CPU during the measurements says whether the img/s are those of a quiet machine.
+        with benchmark.CpuCompetition() as competition:
+            rows = [_measure_batch_size(store, batch_size) for batch_size in batch_sizes]
         store_info = {"dir": FLAGS.store_dir, "dataset": store.manifest["dataset"], "split": store.manifest["split"],
                       "num_examples": store.num_examples, "shards": len(store.files),
                       "map_encoding": store.map_encoding,
@@ -193,7 +195,8 @@ def _run():
         "machine": dict(benchmark.environment(), cpu_flags=cpu_flags(),
                         tf_enable_onednn_opts=os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
                         load_average_start=[round(value, 2) for value in load_start],
-                        load_average_end=[round(value, 2) for value in load_end]),
+                        load_average_end=[round(value, 2) for value in load_end],
+                        measurement_competition=competition.summary()),
     }
     atomic_write_json(FLAGS.output, result)
     for row in rows:
@@ -201,6 +204,10 @@ def _run():
             f"{arm} in-memory {row[arm]['in_memory']['median_images_per_second']:.1f} img/s, pipeline "
             f"{row[arm]['pipeline']['median_images_per_second']:.1f} img/s, ratio {row[arm]['ratio']:.3f}"
             for arm in ARMS))
+    other_cpus = competition.summary()["other_processes_cpus"]
+    if other_cpus is not None and other_cpus > benchmark.QUIET_OTHER_CPUS:
+        print(f"warning: other processes kept {other_cpus:.2f} CPUs busy on average during the measurements; "
+              "the img/s are not those of a quiet machine (ratios are less affected)", flush=True)
     chosen = result["chosen"]
     print(f"chosen batch size {chosen['batch_size']} ({chosen['pipeline_median_images_per_second']:.1f} img/s, "
           f"ratio {chosen['ratio']:.3f}, meets target: {chosen['meets_target']}) -> {FLAGS.output}", flush=True)

@@ -409,6 +409,11 @@ def _own_cpu_seconds():
     return total
 
 
+# Average CPUs other processes may keep busy while we measure before a report calls the machine
+# busy (a quiet machine here shows about 0.01-0.05).
+QUIET_OTHER_CPUS = 0.2
+
+
 class CpuCompetition:
     """How much CPU *other* processes used while a measurement ran.
 

@@ -43,9 +43,6 @@ TEACHER = "teacher"
 REFERENCE_MODE = "fp32"
 IMAGE_SHAPE = (32, 32, 3)
 # Distillation flags the sweep sets per candidate.
-# Average CPUs that other processes may keep busy during the timings before the report warns
-# (a quiet machine here shows about 0.01-0.05).
-COMPETING_CPUS_WARNING = 0.2
 SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes")
 
 
@@ -538,7 +535,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     machine = dict(machine_info(), load_average_before=load_before, load_average_after=benchmark.load_average(),
                    timing_competition=competition.summary())
     # Not the load average: the timings raise it themselves, and after --train it still holds the training.
-    if competition.other_cpus is not None and competition.other_cpus > COMPETING_CPUS_WARNING:
+    if competition.other_cpus is not None and competition.other_cpus > benchmark.QUIET_OTHER_CPUS:
         warnings.append(f"other processes kept {competition.other_cpus:.2f} CPUs busy on average during the "
                         f"timings (of {machine['cpu_count']}): they competed for the cores; rerun on a quiet machine")
     report = {

@@ -53,6 +53,9 @@ def test_writes_the_schema_with_positive_finite_ratios(tmp_path):
     machine = result["machine"]
     assert machine["cpu_count"] >= 1 and "tensorflow" in machine and "cpu_model" in machine
     assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+    competition = machine["measurement_competition"]
+    assert competition["wall_seconds"] > 0
+    assert competition["other_processes_cpus"] is None or competition["other_processes_cpus"] >= 0
     assert machine["cpu_flags"] is None or set(machine["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
 
     rows = result["batch_sizes"]
