@@ -312,25 +312,28 @@ def benchmark_models(entries, batch_sizes=(1, 64), num_threads=1, warmup_runs=(5
     batch_sizes = [int(size) for size in batch_sizes]
     env = environment()
     rows = []
-    for index, batch_size in enumerate(batch_sizes):
-        warmup = _per_batch(warmup_runs, index)
-        runs = _per_batch(num_runs, index)
-        results = [[] for _ in entries]
-        for _ in range(num_rounds):
-            for position, entry in enumerate(entries):
-                results[position].append(measure_fn(entry["path"], batch_size=batch_size, num_threads=num_threads,
-                                                    warmup_runs=warmup, num_runs=runs, isolate=isolate))
-        for entry, rounds in zip(entries, results):
-            summary = _summarise_rounds(rounds)
-            rows.append(dict(
-                model=entry["name"], mode=entry["mode"], batch_size=batch_size, num_threads=int(num_threads),
-                warmup_runs=warmup, num_runs=runs, num_rounds=num_rounds,
-                file_size_bytes=os.path.getsize(entry["path"]), params=int(entry["params"]),
-                macs=int(entry["macs"]), path=entry["path"],
-                per_image_ms=summary["inference_avg_ms"] / batch_size, **summary,
-                rounds=[{key: result.get(key) for key in ROUND_KEYS} for result in rounds]))
+    with CpuCompetition() as competition:  # summarising rows inside costs next to nothing
+        for index, batch_size in enumerate(batch_sizes):
+            warmup = _per_batch(warmup_runs, index)
+            runs = _per_batch(num_runs, index)
+            results = [[] for _ in entries]
+            for _ in range(num_rounds):
+                for position, entry in enumerate(entries):
+                    results[position].append(measure_fn(entry["path"], batch_size=batch_size,
+                                                        num_threads=num_threads, warmup_runs=warmup, num_runs=runs,
+                                                        isolate=isolate))
+            for entry, rounds in zip(entries, results):
+                summary = _summarise_rounds(rounds)
+                rows.append(dict(
+                    model=entry["name"], mode=entry["mode"], batch_size=batch_size, num_threads=int(num_threads),
+                    warmup_runs=warmup, num_runs=runs, num_rounds=num_rounds,
+                    file_size_bytes=os.path.getsize(entry["path"]), params=int(entry["params"]),
+                    macs=int(entry["macs"]), path=entry["path"],
+                    per_image_ms=summary["inference_avg_ms"] / batch_size, **summary,
+                    rounds=[{key: result.get(key) for key in ROUND_KEYS} for result in rounds]))
     _add_speedups(rows, reference)
     env["load_average_end"] = load_average()
+    env["measurement_competition"] = competition.summary()
     return {"rows": rows, "reference": {"model": reference[0], "mode": reference[1]}, "num_rounds": num_rounds,
             "environment": env}
 
@@ -449,6 +452,22 @@ class CpuCompetition:
                 "wall_seconds": _round_or_none(self.wall_seconds, 2)}
 
 
+def competition_text(summary, activity="measurements"):
+    """'other processes kept N CPUs busy on average during the T s of <activity>', or None if unknown."""
+    if not summary or summary.get("other_processes_cpus") is None:
+        return None
+    return (f"other processes kept {summary['other_processes_cpus']:.2f} CPUs busy on average during the "
+            f"{summary['wall_seconds']:.0f} s of {activity}")
+
+
+def _competition_clause(summary):
+    text = competition_text(summary)
+    if text is None:
+        return ""
+    busy = summary["other_processes_cpus"] > QUIET_OTHER_CPUS
+    return f"; {text}" + (" (**not a quiet machine**: rerun)" if busy else "")
+
+
 def _round_or_none(value, digits):
     return None if value is None else round(float(value), digits)
 
@@ -525,7 +544,8 @@ def to_markdown(report):
         "latency of the row in round r), avg or median, same batch size; range = min-max of the median "
         "ratio over rounds.",
         f"LiteRT {env['ai_edge_litert']} (XNNPACK), {env['cpu_count']} CPUs ({env.get('cpu_model') or env['machine']}), "
-        f"load average {env['load_average']} at start, {env.get('load_average_end')} at end. "
+        f"load average {env['load_average']} at start, {env.get('load_average_end')} at end"
+        f"{_competition_clause(env.get('measurement_competition'))}. "
         f"Peak RSS: {report['rows'][0]['rss_scope']}.",
     ]
     return "\n".join(lines) + "\n"

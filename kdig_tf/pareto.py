@@ -168,11 +168,8 @@ def _fmt(value, spec):
     return format(value, spec) if _finite(value) else "-"
 
 
-def _competition_text(competition):
-    if not competition or competition.get("other_processes_cpus") is None:
-        return ""
-    return (f"; other processes kept {competition['other_processes_cpus']:.2f} CPUs busy on average during "
-            f"the {competition['wall_seconds']:.0f} s of timings")
+def _clause(text):
+    return f"; {text}" if text else ""
 
 
 def to_markdown(report):
@@ -190,7 +187,7 @@ def to_markdown(report):
         f"(drift last/first {_fmt(reference.get('drift'), '.3f')}).",
         f"{machine['cpu_count']} CPUs ({machine.get('cpu_model') or machine['machine']}), load average "
         f"{machine['load_average_before']} before, {machine['load_average_after']} after the timings"
-        f"{_competition_text(machine.get('timing_competition'))}.",
+        f"{_clause(benchmark.competition_text(machine.get('timing_competition'), 'timings'))}.",
         "",
         "| candidate | keep | width | stem stride | mode | params | MACs (M) | MAC ratio | median ms | p90 ms "
         "| speed-up (median) | speed-up (p90) | vs teacher same mode | val acc (%) | file (KiB) | Pareto | "

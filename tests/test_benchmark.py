@@ -140,6 +140,28 @@ def test_benchmark_models_interleaves_rounds(tmp_path):
     assert [len(row["rounds"]) for row in report["rows"]] == [3] * 6
 
 
+@pytest.mark.parametrize("other_cpus, flagged", [(1.2, True), (0.01, False)])
+def test_benchmark_report_says_how_busy_the_machine_was(tmp_path, monkeypatch, other_cpus, flagged):
+    class FixedCompetition:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            return False
+
+        def summary(self):
+            return {"other_processes_cpu_seconds": 5 * other_cpus, "other_processes_cpus": other_cpus,
+                    "wall_seconds": 5.0}
+
+    monkeypatch.setattr(benchmark, "CpuCompetition", FixedCompetition)
+    entries = fake_entries(tmp_path, ["teacher", "student"])
+    report = benchmark.benchmark_models(entries, batch_sizes=[1], warmup_runs=[1], num_runs=[2],
+                                        measure_fn=lambda path, **kwargs: fake_latency(1.0))
+    assert report["environment"]["measurement_competition"]["other_processes_cpus"] == other_cpus
+    markdown = benchmark.to_markdown(report)
+    assert f"other processes kept {other_cpus:.2f} CPUs busy on average during the 5 s of measurements" in markdown
+    assert ("not a quiet machine" in markdown) == flagged
+
 def test_speedup_is_median_of_per_round_ratios(tmp_path):
     entries = fake_entries(tmp_path, ["teacher", "student"])
     # Load drifts: the teacher is slow in round 0, the student in round 2.
