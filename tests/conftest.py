@@ -15,3 +15,26 @@ def _seed():
 
     keras.utils.set_random_seed(0)
     yield
+
+
+@pytest.fixture
+def fixed_cpu_competition(monkeypatch):
+    """``install(other_cpus, wall_seconds)``: benchmark.CpuCompetition then reports those figures."""
+    from kdig_tf import benchmark
+
+    def install(other_cpus, wall_seconds):
+        class FixedCompetition:
+            def __enter__(self):
+                self.other_cpus = other_cpus
+                return self
+
+            def __exit__(self, *exc_info):
+                return False
+
+            def summary(self):
+                return {"other_processes_cpu_seconds": other_cpus * wall_seconds,
+                        "other_processes_cpus": other_cpus, "wall_seconds": wall_seconds}
+
+        monkeypatch.setattr(benchmark, "CpuCompetition", FixedCompetition)
+
+    return install

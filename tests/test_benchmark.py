@@ -141,19 +141,8 @@ def test_benchmark_models_interleaves_rounds(tmp_path):
 
 
 @pytest.mark.parametrize("other_cpus, flagged", [(1.2, True), (0.01, False)])
-def test_benchmark_report_says_how_busy_the_machine_was(tmp_path, monkeypatch, other_cpus, flagged):
-    class FixedCompetition:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc_info):
-            return False
-
-        def summary(self):
-            return {"other_processes_cpu_seconds": 5 * other_cpus, "other_processes_cpus": other_cpus,
-                    "wall_seconds": 5.0}
-
-    monkeypatch.setattr(benchmark, "CpuCompetition", FixedCompetition)
+def test_benchmark_report_says_how_busy_the_machine_was(tmp_path, fixed_cpu_competition, other_cpus, flagged):
+    fixed_cpu_competition(other_cpus, wall_seconds=5.0)
     entries = fake_entries(tmp_path, ["teacher", "student"])
     report = benchmark.benchmark_models(entries, batch_sizes=[1], warmup_runs=[1], num_runs=[2],
                                         measure_fn=lambda path, **kwargs: fake_latency(1.0))

@@ -146,22 +146,10 @@ def test_latency_only_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("other_cpus, warned", [(1.5, True), (0.0, False)])
-def test_competing_processes_during_the_timings_are_reported(tmp_path, monkeypatch, other_cpus, warned):
+def test_competing_processes_during_the_timings_are_reported(tmp_path, monkeypatch, fixed_cpu_competition,
+                                                             other_cpus, warned):
     """The warning rests on CPU others used while the models were timed, not on the load average."""
-
-    class FixedCompetition:
-        def __enter__(self):
-            self.other_cpus = other_cpus
-            return self
-
-        def __exit__(self, *exc_info):
-            return False
-
-        def summary(self):
-            return {"other_processes_cpu_seconds": 3 * other_cpus, "other_processes_cpus": other_cpus,
-                    "wall_seconds": 3.0}
-
-    monkeypatch.setattr(pareto.benchmark, "CpuCompetition", FixedCompetition)
+    fixed_cpu_competition(other_cpus, wall_seconds=3.0)
     monkeypatch.setattr(pareto.benchmark, "load_average", lambda: [9.0, 9.0, 9.0])  # ignored for the warning
     out = str(tmp_path / "sweep")
     report = pareto.run_latency_sweep(out, ["1"], ["0.25"], ["fp32"], num_runs=2, warmup_runs=1,
