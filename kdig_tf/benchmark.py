@@ -425,6 +425,7 @@ class CpuCompetition:
     CPU time (``/proc/stat``) minus this process's and its finished children's is what others
     took. ``other_cpus`` is that as an average number of busy CPUs (None off Linux).
     Isolated timings run in child processes that are waited for, so they count as our own.
+    In a container whose /proc/stat is the host's, other tenants count too (an upper bound).
 
         with CpuCompetition() as competition:
             ...time models...
