@@ -204,10 +204,9 @@ def _run():
             f"{arm} in-memory {row[arm]['in_memory']['median_images_per_second']:.1f} img/s, pipeline "
             f"{row[arm]['pipeline']['median_images_per_second']:.1f} img/s, ratio {row[arm]['ratio']:.3f}"
             for arm in ARMS))
-    other_cpus = competition.summary()["other_processes_cpus"]
-    if other_cpus is not None and other_cpus > benchmark.QUIET_OTHER_CPUS:
-        print(f"warning: other processes kept {other_cpus:.2f} CPUs busy on average during the measurements; "
-              "the img/s are not those of a quiet machine (ratios are less affected)", flush=True)
+    if benchmark.machine_was_busy(competition.summary()):
+        print(f"warning: {benchmark.competition_text(competition.summary())}: the img/s are not those of a quiet "
+              "machine (ratios are less affected)", flush=True)
     chosen = result["chosen"]
     print(f"chosen batch size {chosen['batch_size']} ({chosen['pipeline_median_images_per_second']:.1f} img/s, "
           f"ratio {chosen['ratio']:.3f}, meets target: {chosen['meets_target']}) -> {FLAGS.output}", flush=True)

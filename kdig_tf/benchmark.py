@@ -461,12 +461,17 @@ def competition_text(summary, activity="measurements"):
             f"{summary['wall_seconds']:.0f} s of {activity}")
 
 
+def machine_was_busy(summary):
+    """True if a ``CpuCompetition.summary()`` shows other processes above ``QUIET_OTHER_CPUS``."""
+    other = (summary or {}).get("other_processes_cpus")
+    return other is not None and other > QUIET_OTHER_CPUS
+
+
 def _competition_clause(summary):
     text = competition_text(summary)
     if text is None:
         return ""
-    busy = summary["other_processes_cpus"] > QUIET_OTHER_CPUS
-    return f"; {text}" + (" (**not a quiet machine**: rerun)" if busy else "")
+    return f"; {text}" + (" (**not a quiet machine**: rerun)" if machine_was_busy(summary) else "")
 
 
 def _round_or_none(value, digits):

@@ -532,9 +532,9 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     machine = dict(machine_info(), load_average_before=load_before, load_average_after=benchmark.load_average(),
                    timing_competition=competition.summary())
     # Not the load average: the timings raise it themselves, and after --train it still holds the training.
-    if competition.other_cpus is not None and competition.other_cpus > benchmark.QUIET_OTHER_CPUS:
-        warnings.append(f"other processes kept {competition.other_cpus:.2f} CPUs busy on average during the "
-                        f"timings (of {machine['cpu_count']}): they competed for the cores; rerun on a quiet machine")
+    if benchmark.machine_was_busy(machine["timing_competition"]):
+        warnings.append(f"{benchmark.competition_text(machine['timing_competition'], 'timings')} (of "
+                        f"{machine['cpu_count']} CPUs): they competed for the cores; rerun on a quiet machine")
     report = {
         "command": command or shlex.join([sys.executable, *sys.argv]),
         "cwd": os.getcwd(),

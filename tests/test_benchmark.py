@@ -152,6 +152,7 @@ def test_benchmark_report_says_how_busy_the_machine_was(tmp_path, fixed_cpu_comp
     assert f"other processes kept {other_cpus:.2f} CPUs busy on average during the 5 s of measurements" in markdown
     assert ("not a quiet machine" in markdown) == flagged
 
+
 def test_speedup_is_median_of_per_round_ratios(tmp_path):
     entries = fake_entries(tmp_path, ["teacher", "student"])
     # Load drifts: the teacher is slow in round 0, the student in round 2.
