@@ -66,9 +66,6 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights, the store's teacher and th
 flags.DEFINE_string("output", "results/benchmarks/train_throughput.json", "JSON output path.")
 
 BASE_BATCH = 128
-# /proc/cpuinfo flags that decide which TensorFlow / oneDNN kernels run.
-CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 ARMS = ("kd_ig", "student")
 SIDES = ("in_memory", "pipeline")
 
@@ -77,19 +74,6 @@ def main(argv):
     del argv
     from kdig_tf import cli
     cli.run(_run)
-
-
-def cpu_flags(path="/proc/cpuinfo"):
-    """The relevant instruction-set flags of the first CPU: {flag: present}, or None off Linux."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return {flag: flag in present for flag in CPU_FLAGS}
-    except OSError:
-        pass
-    return None
 
 
 def batch_sizes_in(first_batch, count, num_examples, batch_size):
@@ -192,8 +176,7 @@ def _run():
         "chosen": _choose(rows, "kd_ig"),
         "student_chosen": _choose(rows, "student"),
         "threads": threads,
-        "machine": dict(benchmark.environment(), cpu_flags=cpu_flags(),
-                        tf_enable_onednn_opts=os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "machine": dict(benchmark.environment(), tf_enable_onednn_opts=os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
                         load_average_start=[round(value, 2) for value in load_start],
                         load_average_end=[round(value, 2) for value in load_end],
                         measurement_competition=competition.summary()),

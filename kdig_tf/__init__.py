@@ -2,12 +2,23 @@
 
 Importing the package selects tf-keras (Keras 2) for TensorFlow, because
 tensorflow-model-optimization only accepts tf-keras models. This must happen
-before TensorFlow is first imported, so it is the first thing the package does,
-and it is the only environment variable the package sets (and only when unset).
+before TensorFlow is first imported, so it is the first thing the package does.
+
+It also turns on TensorFlow's oneDNN CPU kernels, which the TensorFlow 2.21 wheels
+leave off: on a 2-core AVX2 CPU they train the students 2.2-2.6x faster, and they
+compute the same functions (gradients agree with the default kernels to float32
+round-off; docs/study_cifar10_long.md). ``TF_ENABLE_ONEDNN_OPTS=0`` keeps them off.
+
+Both variables are set only when unset; the oneDNN one only while TensorFlow is
+not yet imported, since TensorFlow reads it once. Each training run records which
+kernels it ran on (``results.json``, ``machines``).
 """
 import os
+import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from kdig_tf.errors import KdigError  # noqa: E402
 

@@ -491,6 +491,36 @@ def cpu_model():
     return None
 
 
+# /proc/cpuinfo flags that decide which TensorFlow / oneDNN kernels run.
+CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(path="/proc/cpuinfo"):
+    """The relevant instruction-set flags of the first CPU: {flag: present}, or None off Linux."""
+    try:
+        with open(path) as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    present = set(line.split(":", 1)[1].split())
+                    return {flag: flag in present for flag in CPU_FLAGS}
+    except OSError:
+        pass
+    return None
+
+
+def tensorflow_onednn():
+    """Whether this process's TensorFlow runs its oneDNN CPU kernels; None if TensorFlow is
+    not imported here (asking would import it, and LiteRT timing workers stay TF-free)."""
+    if "tensorflow" not in sys.modules:
+        return None
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # no public API tells
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 def environment():
     from importlib import metadata
 
@@ -500,9 +530,11 @@ def environment():
         "machine": platform.machine(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "load_average": load_average(),
         "ai_edge_litert": metadata.version("ai-edge-litert"),
         "tensorflow": metadata.version("tensorflow"),  # without importing it: workers stay TF-free
+        "tensorflow_onednn": tensorflow_onednn(),
         "kdig_tf": kdig_tf.__version__,
     }
 

@@ -58,3 +58,7 @@ class StaleRunError(KdigError):
 
 class UnreadableImageError(KdigError):
     """An image file cannot be read or decoded (missing, corrupt, truncated, or a format TF misreads)."""
+
+
+class CorruptRunFileError(KdigError):
+    """A bookkeeping file of a run directory exists but cannot be read."""

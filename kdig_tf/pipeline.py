@@ -24,8 +24,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from kdig_tf import data, distiller, loading, models, overlay, records
-from kdig_tf.errors import (InvalidArgumentError, KdigError, NotAModelError, ShapeMismatchError, StaleRunError,
-                            UnknownKeyError)
+from kdig_tf.errors import (CorruptRunFileError, InvalidArgumentError, KdigError, NotAModelError,
+                            ShapeMismatchError, StaleRunError, UnknownKeyError)
 from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
@@ -50,6 +50,7 @@ RUN_CONFIG = "run_config.json"
 HISTORY = "history.csv"
 STUDENT = "student.h5"
 BACKUP = "backup"
+MACHINES = "machines.json"
 # Settings that do not change what is trained: a run may be continued or re-exported with other values.
 NON_TRAINING_FIELDS = ("verbose", "data_dir", "download", "store_dir", "eval_split", "export_modes", "ig_max_batch")
 # Training settings added after runs were recorded, with the value those runs had.
@@ -500,6 +501,33 @@ def claim_workdir(workdir, settings):
                             "use a new --workdir or delete it")
 
 
+def read_training_machines(workdir):
+    """The machines.json list of ``workdir`` ([] if there is none yet)."""
+    path = os.path.join(workdir, MACHINES)
+    if not os.path.exists(path):
+        return []
+    entries = read_json_or_none(path)
+    if not isinstance(entries, list):
+        raise CorruptRunFileError(f"{path} is not a JSON list; delete it (it only records where epochs ran)")
+    return entries
+
+
+def record_training_machine(workdir, first_epoch):
+    """Add to machines.json the machine and kernels that train this run from ``first_epoch`` on.
+
+    A campaign resumes its runs on whatever machine a session gets, and float32 round-off
+    differs between CPUs and between TensorFlow's kernel libraries (Eigen, oneDNN), so a
+    reader of the results needs to know which epochs ran where.
+    """
+    from kdig_tf import benchmark
+
+    environment = benchmark.environment()
+    entry = {"first_epoch": int(first_epoch), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **{key: environment[key] for key in ("cpu_model", "cpu_count", "cpu_flags", "tensorflow",
+                                                  "tensorflow_onednn")}}
+    atomic_write_json(os.path.join(workdir, MACHINES), read_training_machines(workdir) + [entry])
+
+
 def _finished_results(workdir, config):
     """The results of an identical finished run in ``workdir``, else None."""
     results = read_json_or_none(os.path.join(workdir, RESULTS))
@@ -607,6 +635,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         student_model = model.student_model
         model.compile(optimizer=_optimizer(config, steps_per_epoch))
         model(tf.zeros((1,) + tuple(model.student.input_shape[1:])))  # BackupAndRestore needs a built model
+        record_training_machine(workdir, first_epoch)
         # Order matters. The timer writes into the logs CSVLogger reads. An epoch is logged
         # before it is backed up, so a kill in between makes a duplicate row (read_epoch_log
         # keeps the later one), never a missing one. The student is saved before
@@ -638,6 +667,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
                                               "ig": store.manifest["ig"]},
         "history": {key: values for key, values in history.items() if key != "epoch"},
         "epochs_logged": len(history.get("epoch", [])),
+        "machines": read_training_machines(workdir),
         "flags": dataclasses.asdict(config),
     }
     if config.eval_split:

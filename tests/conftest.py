@@ -2,6 +2,8 @@ import os
 
 # Must precede any TensorFlow import: tfmot only accepts tf-keras (Keras 2) models.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+# The package's default, which it can only set when it is imported before TensorFlow.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Tests never touch the network or the shared data unless a test says so.
 os.environ.pop("TFDS_DATA_DIR", None)

@@ -313,3 +313,18 @@ def test_cpu_competition_sees_a_process_it_did_not_wait_for():
     competitor.wait()
     assert competition.other_cpu_seconds > 0.8  # its second of CPU, less clock-tick rounding
     assert 0 < competition.other_cpus <= os.cpu_count() + 0.1
+
+
+def test_environment_names_the_kernels_only_where_tensorflow_runs(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+    flags = benchmark.cpu_flags(str(cpuinfo))
+    assert flags["avx2"] and flags["fma"] and not flags["avx512f"] and set(flags) == set(benchmark.CPU_FLAGS)
+    assert benchmark.cpu_flags(str(tmp_path / "missing")) is None
+    # This process runs TensorFlow; a LiteRT timing worker does not, and must not load it to answer.
+    assert benchmark.environment()["tensorflow_onednn"] is (os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1")
+    check = ("import sys\nfrom kdig_tf import benchmark\n"
+             "print(benchmark.environment()['tensorflow_onednn'], 'tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["None", "False"]

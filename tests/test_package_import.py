@@ -1,6 +1,9 @@
-"""Importing kdig_tf (and drawing its plots) leaves the caller's environment alone."""
+"""Importing kdig_tf (and drawing its plots) leaves the caller's environment alone, except for
+the TensorFlow settings it must make before TensorFlow loads."""
 import subprocess
 import sys
+
+import pytest
 
 CHECK = """
 import os, sys
@@ -29,3 +32,25 @@ def test_import_changes_no_environment_variable_and_no_matplotlib_backend(tmp_pa
     result = subprocess.run([sys.executable, "-c", CHECK, str(tmp_path)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+ONEDNN = """
+import os, sys
+{before}
+import kdig_tf
+import tensorflow
+from kdig_tf import benchmark
+print(os.environ.get("TF_USE_LEGACY_KERAS"), os.environ.get("TF_ENABLE_ONEDNN_OPTS"), benchmark.tensorflow_onednn())
+"""
+
+
+@pytest.mark.parametrize("env, before, expected", [
+    ({}, "", "1 1 True"),  # the package's defaults
+    ({"TF_ENABLE_ONEDNN_OPTS": "0"}, "", "1 0 False"),  # a user's choice is kept
+    ({}, "import tensorflow", "1 None False"),  # too late to choose: the package leaves it alone
+])
+def test_import_turns_on_onednn_kernels_unless_told_otherwise_or_too_late(env, before, expected):
+    result = subprocess.run([sys.executable, "-c", ONEDNN.format(before=before)], capture_output=True, text=True,
+                            env=dict(env, PATH="/usr/bin:/bin"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[-2] == expected

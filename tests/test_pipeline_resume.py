@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 import tf_keras as keras
 
 from kdig_tf import data, models, overlay, pipeline
-from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
+from kdig_tf.errors import CorruptRunFileError, InvalidArgumentError, NotAModelError, StaleRunError
 from kdig_tf.io_utils import holds_files, read_epoch_log
 
 EPOCHS = 3
@@ -92,6 +92,22 @@ def test_killed_run_resumes_at_the_next_epoch(tmp_path, teacher_path):
     # Validation sees cached teacher logits, so its KD term is real, not a placeholder zero.
     assert all(value > 0 for value in results["history"]["val_kd_loss"])
     assert not holds_files(os.path.join(workdir, pipeline.BACKUP))  # training finished
+    # Each start of training says where it ran, so a campaign that moves machines is traceable.
+    machines = results["machines"]
+    assert [entry["first_epoch"] for entry in machines] == [0, 2]
+    assert machines == pipeline.read_training_machines(workdir)
+    for entry in machines:
+        assert entry["tensorflow_onednn"] is (os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1")
+        assert entry["cpu_count"] >= 1 and entry["tensorflow"] == tf.__version__
+        assert entry["started_utc"].endswith("Z")
+
+
+def test_unreadable_machine_record_is_a_named_error(tmp_path, teacher_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / pipeline.MACHINES).write_text('[{"first_epoch": 0')  # cut off mid-write by hand
+    with pytest.raises(CorruptRunFileError, match="machines.json"):
+        pipeline.run_distillation(_config(teacher_path), str(workdir), progress=False)
 
 
 @pytest.mark.parametrize("method", ["kd_ig", "student"])
