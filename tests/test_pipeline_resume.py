@@ -240,7 +240,9 @@ def test_validation_dataset_pairs_each_image_with_its_own_teacher_logits(teacher
     np.testing.assert_allclose(inputs, images / 255.0, atol=1e-6)
     np.testing.assert_array_equal(np.concatenate([got for _, got in batches]), labels)
     bare = keras.models.load_model(teacher_path, compile=False)
-    expected = bare(data.preprocess_teacher(tf.constant(images)), training=False).numpy()
+    # Batched as the dataset batches, because oneDNN's round-off depends on the batch size.
+    expected = np.concatenate([bare(data.preprocess_teacher(tf.constant(images[start:start + 5])),
+                                    training=False).numpy() for start in range(0, len(images), 5)])
     np.testing.assert_array_equal(logits, expected)  # the wrapped teacher gives the bare network's logits
 
 
