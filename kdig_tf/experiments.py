@@ -29,6 +29,7 @@ import gc
 import logging
 import os
 import shlex
+import statistics
 import sys
 import time
 import traceback
@@ -37,7 +38,8 @@ from dataclasses import dataclass, field
 from kdig_tf import cli
 from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
                             UnknownKeyError)
-from kdig_tf.io_utils import atomic_path, atomic_write_bytes, atomic_write_json, read_json_or_none, sha256_file
+from kdig_tf.io_utils import (atomic_path, atomic_write_bytes, atomic_write_json, holds_files, read_epoch_log,
+                              read_json_or_none, sha256_file)
 
 METHODS = ("student", "kd", "ig", "kd_ig", "at", "kd_at", "ig_at", "kd_ig_at", "kd_online")
 # "kd_ig_shuffled" = --method=kd_ig --cached_targets_order=shuffled (the misalignment control).
@@ -489,6 +491,79 @@ def write_rows(rows, output_dir, stem="runs"):
             writer.writeheader()
             writer.writerows({key: "" if row.get(key) is None else row.get(key) for key in columns}
                              for row in rows)
+
+
+# --------------------------------------------------------------------------- status
+
+def run_status(run, epochs):
+    """Where one run stands, read from its files; launches nothing.
+
+    ``state`` is "finished" (results.json and the files it names are there), "exports missing"
+    (trained; the next launch re-exports), "in progress" (a BackupAndRestore checkpoint;
+    ``epochs_done`` is the epoch it resumes at) or "not started" (an epoch log without a
+    checkpoint is discarded on launch, so it counts for nothing).
+    ``epoch_seconds`` are the logged epoch times that still count.
+    """
+    from kdig_tf import pipeline  # TensorFlow reads the checkpoint
+
+    results = read_json_or_none(os.path.join(run.workdir, RESULTS_FILE))
+    history = read_epoch_log(os.path.join(run.workdir, pipeline.HISTORY))
+    backup_dir = os.path.join(run.workdir, pipeline.BACKUP)
+    if results is not None and recorded_output(run.workdir, results.get("student_path")):
+        # A fresh checkout has the student but not the .tflite exports: relaunching only re-exports.
+        state, done = ("exports missing" if missing_outputs(run.workdir, results) else "finished"), epochs
+    elif holds_files(backup_dir):
+        state, done = "in progress", min(pipeline.resume_epoch(backup_dir), epochs)
+    else:
+        state, done, history = "not started", 0, {}
+    seconds = [value for value in history.get("epoch_seconds", [])[:done] if value == value]  # drop NaN
+    return {"run": run.name, "arm": run.labels.get("arm"), "state": state, "epochs_done": done,
+            "epochs": epochs, "epoch_seconds": seconds}
+
+
+def estimate_remaining(statuses):
+    """Runs finished, epochs left and the seconds they take at the epoch times logged so far.
+
+    Each arm's rate is the median of its logged epochs (all machines pooled: a forecast, not a
+    measurement); an arm with none logged yet borrows the median over every arm, and is listed
+    in ``assumed_arms``.
+    """
+    by_arm = {}
+    for status in statuses:
+        by_arm.setdefault(status["arm"], []).extend(status["epoch_seconds"])
+    everything = [value for values in by_arm.values() for value in values]
+    overall = statistics.median(everything) if everything else None
+    rates = {arm: statistics.median(values) if values else overall for arm, values in by_arm.items()}
+    epochs_left = {arm: 0 for arm in by_arm}
+    for status in statuses:
+        epochs_left[status["arm"]] += status["epochs"] - status["epochs_done"]
+    seconds_left = (None if any(rates[arm] is None for arm, left in epochs_left.items() if left)
+                    else sum(rates[arm] * left for arm, left in epochs_left.items() if left))
+    return {"runs": len(statuses), "runs_finished": sum(status["state"] == "finished" for status in statuses),
+            "epochs_left": sum(epochs_left.values()), "seconds_left": seconds_left,
+            "seconds_per_epoch": rates, "assumed_arms": [arm for arm, values in by_arm.items() if not values]}
+
+
+def status_text(statuses, estimate):
+    """The table ``scripts/ablation.py --status`` prints."""
+    width = max([len("run")] + [len(status["run"]) for status in statuses])
+    state_width = max([len("state")] + [len(status["state"]) for status in statuses])
+    lines = [f"{'run':<{width}}  {'state':<{state_width}}  epochs  median s/epoch"]
+    for status in statuses:
+        median = (f"{statistics.median(status['epoch_seconds']):.0f}" if status["epoch_seconds"] else "-")
+        lines.append(f"{status['run']:<{width}}  {status['state']:<{state_width}}  "
+                     f"{status['epochs_done']:>3}/{status['epochs']:<3} {median:>8}")
+    lines.append(f"{estimate['runs_finished']}/{estimate['runs']} runs finished, "
+                 f"{estimate['epochs_left']} epochs left")
+    if estimate["seconds_left"] is None:
+        lines.append("no epoch timed yet: no estimate of the time left")
+    elif estimate["epochs_left"]:
+        rates = ", ".join(f"{arm} {rate:.0f} s" + (" (not timed yet: median of all)"
+                                                  if arm in estimate["assumed_arms"] else "")
+                          for arm, rate in estimate["seconds_per_epoch"].items() if rate is not None)
+        lines.append(f"about {estimate['seconds_left'] / 3600:.1f} h left at the median epoch time of each arm "
+                     f"so far, machines pooled ({rates})")
+    return "\n".join(lines)
 
 
 def default_store_dir(output_dir, flagfile, extra):

@@ -20,6 +20,9 @@ mean difference with its 95 % CI against ``--reference``; the distill.py command
 Per-run flags go through ``--extra_flags``, e.g. ``--extra_flags="--epochs=30 --export_modes="``
 (no TFLite export: the ablation only needs accuracies).
 
+``--status`` prints where every run stands (finished, epochs trained, median epoch time) and
+the hours left at the epoch times logged so far, e.g. before planning the next session.
+
 ``--methods=student`` runs that arm alone (its runs need no IG store) but leaves tables of
 that arm only; ``--report_only`` with the full ``--methods`` list rewrites them from every
 finished run without launching anything.
@@ -45,6 +48,8 @@ flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epoc
 flags.DEFINE_string("reference", "student", "Arm every other arm is tested against.")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation, never for tuning).")
 flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished runs; launch nothing.")
+flags.DEFINE_bool("status", False,
+                  "Launch nothing; print each run's state and epochs, and the hours left at the epoch times so far.")
 flags.DEFINE_bool("report_only", False,
                   "Launch nothing; rewrite runs.csv, summary.{json,md} and the plot from the finished runs.")
 
@@ -59,6 +64,12 @@ def main(argv):
 
 def _ablation():
     seeds = experiments.resolve_seeds(FLAGS.seeds, FLAGS.num_seeds)
+    if FLAGS.status:
+        statuses, estimate = campaigns.ablation_status(
+            FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
+            subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, final_report=FLAGS.final_report)
+        print(experiments.status_text(statuses, estimate))
+        return
     summary = campaigns.run_ablation(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
         subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, reference=FLAGS.reference,

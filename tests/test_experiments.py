@@ -448,6 +448,61 @@ def test_ablation_script_dry_run_prints_relative_distill_commands(tmp_path):
     assert ("would run: python scripts/distill.py --flagfile=base.cfg --workdir=out/runs/kd/seed0 "
             "--store_dir=out/store --batch_size=8 --method=kd --seed=0") in completed.stdout
     assert not os.path.exists(tmp_path / "out" / "runs")
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "ablation.py"), "--flagfile_base=base.cfg",
+         "--methods=student,kd", "--seeds=0", "--output_dir=out", "--status"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert "kd/seed0       not started    0/1" in completed.stdout
+    assert "0/2 runs finished, 2 epochs left" in completed.stdout and "no epoch timed yet" in completed.stdout
+    assert not os.path.exists(tmp_path / "out" / "runs")
+
+
+def write_history(workdir, epoch_seconds):
+    os.makedirs(workdir, exist_ok=True)
+    rows = [f"{epoch},{seconds},0.5" for epoch, seconds in enumerate(epoch_seconds)]
+    with open(os.path.join(workdir, "history.csv"), "w") as handle:
+        handle.write("\n".join(["epoch,epoch_seconds,val_accuracy"] + rows) + "\n")
+
+
+def write_backup(workdir, last_saved_epoch):
+    """A checkpoint in BackupAndRestore's layout, saved after epoch ``last_saved_epoch`` (0-based)."""
+    import tensorflow as tf
+
+    epoch = tf.Variable(last_saved_epoch, dtype=tf.int64)
+    tf.train.Checkpoint(ckpt_saved_epoch=epoch).save(os.path.join(workdir, "backup", "chief", "ckpt"))
+
+
+def test_ablation_status_counts_epochs_and_estimates_the_time_left(tmp_path):
+    flagfile = make_flagfile(tmp_path)  # 3 epochs per run
+    output_dir = str(tmp_path / "out")
+    runs_dir = os.path.join(output_dir, "runs")
+    campaigns.run_ablation(output_dir, flagfile, ["student"], [0], launcher=FakeDistill(lambda flags: 90.0),
+                           log=quiet)
+    write_history(os.path.join(runs_dir, "student", "seed0"), [10, 12, 14])
+    # Killed after logging its third epoch but before backing it up: it resumes at epoch 2,
+    # and the third epoch's time counts for nothing.
+    write_history(os.path.join(runs_dir, "kd", "seed0"), [20, 22, 99])
+    write_backup(os.path.join(runs_dir, "kd", "seed0"), 1)
+    # An epoch log without a checkpoint is discarded on launch.
+    write_history(os.path.join(runs_dir, "kd_ig", "seed0"), [500])
+
+    statuses, estimate = campaigns.ablation_status(output_dir, flagfile, ["student", "kd", "kd_ig"], [0])
+    assert [(status["run"], status["state"], status["epochs_done"], status["epochs"]) for status in statuses] == [
+        ("student/seed0", "finished", 3, 3), ("kd/seed0", "in progress", 2, 3), ("kd_ig/seed0", "not started", 0, 3)]
+    assert statuses[1]["epoch_seconds"] == [20, 22] and statuses[2]["epoch_seconds"] == []
+    assert estimate["runs_finished"] == 1 and estimate["runs"] == 3 and estimate["epochs_left"] == 4
+    # kd_ig is not timed yet: it borrows the median over every arm's counted epochs (10, 12, 14, 20, 22).
+    assert estimate["seconds_per_epoch"] == {"student": 12, "kd": 21, "kd_ig": 14}
+    assert estimate["assumed_arms"] == ["kd_ig"]
+    assert estimate["seconds_left"] == pytest.approx(21 * 1 + 14 * 3)
+    text = experiments.status_text(statuses, estimate)
+    assert "1/3 runs finished, 4 epochs left" in text and "kd_ig 14 s (not timed yet" in text
+
+    os.remove(os.path.join(runs_dir, "student", "seed0", "student.h5"))
+    statuses, estimate = campaigns.ablation_status(output_dir, flagfile, ["student"], [0])
+    assert statuses[0]["state"] == "not started" and estimate["seconds_left"] is None
+    assert "no epoch timed yet" in experiments.status_text(statuses, estimate)
 
 
 def test_find_fp32_tflite(tmp_path):
