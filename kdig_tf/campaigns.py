@@ -59,15 +59,15 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
 def _ablation_runs(output_dir, flagfile, arms, seeds, subset_fraction, extra_flags, final_report):
     extra, splits = _prepare(output_dir, flagfile, extra_flags, final_report)
     common = dict(experiments.default_store_dir(output_dir, flagfile, extra), **extra)
-    runs = experiments.seed_runs(os.path.join(output_dir, "runs"), experiments.parse_arms(arms), seeds,
-                                 subset_fraction, common)
+    runs = experiments.seed_runs(os.path.join(output_dir, "runs"), arms, seeds, subset_fraction, common)
     return runs, extra, splits
 
 
 def ablation_status(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_flags="", final_report=False):
     """(per-run status, estimate) of an ablation, as :func:`run_ablation` with the same arguments
     would see it; launches nothing (``experiments.run_status`` / ``estimate_remaining``)."""
-    runs, _, _ = _ablation_runs(output_dir, flagfile, arms, seeds, subset_fraction, extra_flags, final_report)
+    runs, _, _ = _ablation_runs(output_dir, flagfile, experiments.parse_arms(arms), seeds, subset_fraction,
+                                extra_flags, final_report)
     flagfile = os.path.abspath(flagfile) if flagfile else None
     statuses = [experiments.run_status(run, experiments.parse_run(flagfile, run.overrides, run.workdir)[0].epochs)
                 for run in runs]
