@@ -35,7 +35,7 @@ def _prepare(output_dir, flagfile, extra_flags, final_report, split_overrides=No
 def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_flags="", reference="student",
                  final_report=False, launcher=experiments.distill_launcher, dry_run=False, report_only=False,
                  log=print):
-    """Arms x seeds; writes runs.{csv,json}, summary.{json,md} and ablation.png into ``output_dir``.
+    """Arms x seeds; writes runs.{csv,json}, summary.{json,md}, ablation.png and curves.png into ``output_dir``.
 
     ``report_only`` launches nothing and rewrites the tables from the finished runs, e.g. after
     running some arms alone (``methods=["student"]``), which leaves tables of those arms only.
@@ -76,7 +76,10 @@ def ablation_status(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extr
 
 def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction, reference,
                            final_report):
-    """summary.{json,md} and ablation.png from the rows so far (only finished runs count)."""
+    """summary.{json,md} and ablation.png from the rows so far (only finished runs count), and
+    curves.png: every run's validation curve so far."""
+    from kdig_tf import pipeline  # its history file name; TensorFlow is loaded by then in a campaign
+
     protocol = (f"{len(seeds)} seeds per arm ({', '.join(map(str, seeds))})" +
                 (f", each on a stratified random {subset_fraction:.0%} subset of the training split "
                  f"(subset seed = run seed, shared across arms)" if subset_fraction < 1.0 else ""))
@@ -104,6 +107,11 @@ def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, sub
     if any(entry["n"] for entry in summary["arms"].values()):
         reports.plot_arms(summary["arms"], os.path.join(output_dir, "ablation.png"),
                           f"validation accuracy (%) on {splits['val_split']}", "Ablation: seeds and mean ± sd")
+    curves = reports.learning_curves(rows, pipeline.HISTORY)
+    if curves:
+        reports.plot_learning_curves(curves, os.path.join(output_dir, "curves.png"),
+                                     f"validation accuracy (%) on {splits['val_split']}",
+                                     "Validation accuracy after each epoch")
     return summary
 
 

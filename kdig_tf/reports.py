@@ -6,12 +6,13 @@ is imported when a plot is drawn, not with the module.
 import kdig_tf  # noqa: F401
 
 import math
+import os
 
 import numpy as np
 
 from kdig_tf import stats
 from kdig_tf.experiments import FINISHED, SHUFFLED_SUFFIX, format_flag_value
-from kdig_tf.io_utils import atomic_path, subplots
+from kdig_tf.io_utils import atomic_path, read_epoch_log, subplots
 
 
 # --------------------------------------------------------------------------- summaries
@@ -257,6 +258,65 @@ def plot_arms(arms, path, ylabel, title):
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=150, format="png")
+
+
+def learning_curves(rows, history_name, column="val_accuracy"):
+    """Per run with a logged epoch: {"run", "arm", "seed", "finished", "epochs" (1-based),
+    "values"} (``column`` in % after each epoch), read from ``<workdir>/<history_name>``
+    (a Keras CSVLogger file).
+
+    Unfinished runs are included as logged so far (the figure marks them): unlike the tables,
+    a curve is for watching a campaign, not for testing it.
+    """
+    curves = []
+    for row in rows:
+        history = read_epoch_log(os.path.join(row["workdir"], history_name)) if row.get("workdir") else {}
+        values = history.get(column)
+        if not values:
+            continue
+        # Keras logs 0-based epochs; plotted at their own numbers, a gap cannot shift later points.
+        curves.append({"run": row["run"], "arm": row.get("arm"), "seed": row.get("seed"),
+                       "finished": row["status"] in FINISHED,
+                       "epochs": [int(epoch) + 1 for epoch in history["epoch"]],
+                       "values": [100.0 * value for value in values]})
+    return curves
+
+
+def plot_learning_curves(curves, path, ylabel, title, zoom_fraction=1 / 3):
+    """Every run's curve, one colour per arm (dashed: unfinished), and beside it the last
+    ``zoom_fraction`` of the epochs with the y axis cut to the data there, where arms differ by
+    tenths of a point."""
+    arms = list(dict.fromkeys(curve["arm"] for curve in curves))
+    figure, (full, zoom) = subplots(1, 2, figsize=(11.0, 4.2))
+    longest = max(max(curve["epochs"]) for curve in curves)
+    zoom_from = max(1, int(round(longest * (1 - zoom_fraction)))) if longest > 1 else 1
+    tail = []
+    for curve in curves:
+        color = f"C{arms.index(curve['arm']) % 10}"
+        style = "-" if curve["finished"] else "--"
+        for axes in (full, zoom):
+            axes.plot(curve["epochs"], curve["values"], style, color=color, linewidth=1.2, alpha=0.85)
+        tail += [value for epoch, value in zip(curve["epochs"], curve["values"]) if epoch >= zoom_from]
+    for index, arm in enumerate(arms):
+        mine = [curve for curve in curves if curve["arm"] == arm]
+        done = sum(curve["finished"] for curve in mine)
+        unfinished = f", {len(mine) - done} unfinished, dashed" if len(mine) > done else ""
+        full.plot([], [], "-", color=f"C{index % 10}", label=f"{arm} ({done} finished{unfinished})")
+    zoom.set_xlim(zoom_from - 0.5, longest + 0.5)
+    if tail:
+        low, high = min(tail), max(tail)
+        pad = max(0.25, 0.1 * (high - low))
+        zoom.set_ylim(low - pad, high + pad)
+    for axes in (full, zoom):
+        axes.set_xlabel("epoch")
+        axes.grid(alpha=0.3)
+    full.set_ylabel(ylabel)
+    full.set_title(title)
+    zoom.set_title(f"epochs {zoom_from}-{longest} (y axis cut to the data)")
+    full.legend(fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format="png")

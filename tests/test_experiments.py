@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeDistill:
-    """Stands in for the pipeline: writes results.json with accuracy ``score(flags)``; counts calls.
+    """Stands in for the pipeline: writes results.json with accuracy ``score(flags)`` and a
+    two-epoch history.csv ending there; counts calls.
 
     ``flags`` is the run's parsed DistillConfig as a dict, plus its workdir.
     """
@@ -38,6 +39,8 @@ class FakeDistill:
                    "compression": 2_236_682 / (1000 * keep), "train_seconds": 1.0, "flags": flags,
                    "student_path": os.path.join(workdir, "student.h5")}
         open(results["student_path"], "wb").close()
+        with open(os.path.join(workdir, "history.csv"), "w") as handle:
+            handle.write(f"epoch,val_accuracy\n0,{results['val_accuracy'] / 200}\n1,{results['val_accuracy'] / 100}\n")
         with open(os.path.join(workdir, "results.json"), "w") as handle:
             json.dump(results, handle)
         return results
@@ -340,8 +343,9 @@ def test_ablation_summary_and_plot(tmp_path):
     assert len(shuffled["commands"]) == 3
     for name in ("runs.csv", "runs.json", "summary.md"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    with open(os.path.join(out, "ablation.png"), "rb") as handle:
-        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("ablation.png", "curves.png"):
+        with open(os.path.join(out, name), "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with open(os.path.join(out, "runs.csv")) as handle:
         assert len(handle.read().strip().splitlines()) == 13
     markdown = open(os.path.join(out, "summary.md")).read()
