@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from kdig_tf import stats
+from kdig_tf.errors import InvalidArgumentError
 from kdig_tf.experiments import FINISHED, SHUFFLED_SUFFIX, format_flag_value
 from kdig_tf.io_utils import atomic_path, read_epoch_log, subplots
 
@@ -289,6 +290,8 @@ def plot_learning_curves(curves, path, ylabel, title, zoom_fraction=1 / 3):
     """Every run's curve, one colour per arm (dashed: unfinished), and beside it the last
     ``zoom_fraction`` of the epochs with the y axis cut to the data there, where arms differ by
     tenths of a point."""
+    if not curves:
+        raise InvalidArgumentError("no learning curve to plot: no run has logged an epoch")
     arms = list(dict.fromkeys(curve["arm"] for curve in curves))
     figure, (full, zoom) = subplots(1, 2, figsize=(11.0, 4.2))
     longest = max(max(curve["epochs"]) for curve in curves)

@@ -2,7 +2,10 @@ import kdig_tf  # noqa: F401
 
 import os
 
+import pytest
+
 from kdig_tf import reports
+from kdig_tf.errors import InvalidArgumentError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -43,3 +46,9 @@ def test_learning_curves_plot_a_single_epoch(tmp_path):
     path = str(tmp_path / "curves.png")
     reports.plot_learning_curves(reports.learning_curves(rows, "history.csv"), path, "val acc (%)", "one epoch")
     assert os.path.getsize(path) > 0
+
+
+def test_plotting_no_curve_is_a_named_error(tmp_path):
+    with pytest.raises(InvalidArgumentError):
+        reports.plot_learning_curves([], str(tmp_path / "curves.png"), "val acc (%)", "none")
+    assert not os.listdir(tmp_path)
