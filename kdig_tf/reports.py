@@ -295,7 +295,7 @@ def plot_learning_curves(curves, path, ylabel, title, zoom_fraction=1 / 3):
     arms = list(dict.fromkeys(curve["arm"] for curve in curves))
     figure, (full, zoom) = subplots(1, 2, figsize=(11.0, 4.2))
     longest = max(max(curve["epochs"]) for curve in curves)
-    zoom_from = max(1, int(round(longest * (1 - zoom_fraction)))) if longest > 1 else 1
+    zoom_from = max(1, round(longest * (1 - zoom_fraction)))
     tail = []
     for curve in curves:
         color = f"C{arms.index(curve['arm']) % 10}"
