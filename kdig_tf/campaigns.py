@@ -80,7 +80,8 @@ def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, sub
     curves.png: every run's validation curve so far."""
     from kdig_tf import pipeline  # its history file name; TensorFlow is loaded by then in a campaign
 
-    protocol = (f"{len(seeds)} seeds per arm ({', '.join(map(str, seeds))})" +
+    # "planned": n in the table counts only the finished runs, which may be fewer.
+    protocol = (f"{len(seeds)} seeds planned per arm ({', '.join(map(str, seeds))})" +
                 (f", each on a stratified random {subset_fraction:.0%} subset of the training split "
                  f"(subset seed = run seed, shared across arms)" if subset_fraction < 1.0 else ""))
     arm_stats = reports.summarize_arms(rows, "val_accuracy", reference)

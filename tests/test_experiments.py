@@ -379,8 +379,9 @@ def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
         partial = json.load(handle)
     assert partial["arms"]["student"]["values"] == [ACCURACIES["student"][0]]
     assert partial["arms"]["kd"]["unfinished"] == ["kd/seed1"]
-    assert "Unfinished runs (rerun the same command to retry): student/seed1, kd/seed1" in (
-        open(os.path.join(out, "summary.md")).read())
+    partial_markdown = open(os.path.join(out, "summary.md")).read()
+    assert "Unfinished runs (rerun the same command to retry): student/seed1, kd/seed1" in partial_markdown
+    assert "2 seeds planned per arm (0, 1)" in partial_markdown and "| kd | 1 |" in partial_markdown
 
     summary = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
                                      launcher=fake, log=quiet)
