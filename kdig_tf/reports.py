@@ -26,22 +26,26 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
     ``X_shuffled`` is also compared with ``X`` (``vs_aligned``): the misalignment control.
     ``vs_reference_paired`` / ``vs_aligned_paired`` add the paired t-test over the seeds both
     arms finished (runs with the same seed start from the same student and batches).
+    ``train_hours`` lists the finished runs' training time (their rows' ``train_seconds``).
     """
-    arms, values, seeds, unfinished = [], {}, {}, {}
+    arms, values, seeds, unfinished, seconds = [], {}, {}, {}, {}
     for row in rows:
         arm = row["arm"]
         if arm not in values:
             arms.append(arm)
-            values[arm], seeds[arm], unfinished[arm] = [], [], []
+            values[arm], seeds[arm], unfinished[arm], seconds[arm] = [], [], [], []
         if row["status"] in FINISHED and row.get(metric) is not None:
             values[arm].append(float(row[metric]))
             seeds[arm].append(row.get("seed"))
+            if row.get("train_seconds") is not None:
+                seconds[arm].append(float(row["train_seconds"]))
         elif row["status"] not in FINISHED:
             unfinished[arm].append(row["run"])
     summary = {}
     for arm in arms:
         entry = {"n": 0} if not values[arm] else stats.summarize(values[arm])
-        entry.update(values=values[arm], seeds=seeds[arm], unfinished=unfinished[arm])
+        entry.update(values=values[arm], seeds=seeds[arm], unfinished=unfinished[arm],
+                     train_hours=[value / 3600 for value in seconds[arm]])
         if arm != reference and values[arm] and values.get(reference):
             entry["vs_reference"] = stats.compare(values[arm], values[reference], confidence)
             paired = _paired(values, seeds, arm, reference, confidence)
@@ -177,6 +181,7 @@ def ablation_markdown(summary):
                            if paired else "")
             lines += ["", f"Misalignment control: `{arm}` - `{cmp['arm']}` = {_diff_ci(cmp)}, "
                           f"p = {_fmt_p(cmp['p'])} (Welch), Hedges' g = {_fmt(cmp['hedges_g'])}{paired_text}."]
+    lines += ["", *wall_time_markdown(summary["arms"])]
     if summary.get("eval_arms"):
         lines += ["", f"## Final report on `{splits['eval_split']}`", "",
                   arms_markdown(summary["eval_arms"], summary["reference"], "eval acc")]
@@ -187,6 +192,23 @@ def ablation_markdown(summary):
     for arm, entry in summary["arms"].items():
         lines += [f"- `{arm}`:"] + [f"  - `{command}`" for command in entry["commands"]]
     return "\n".join(lines) + "\n"
+
+
+def wall_time_markdown(arms):
+    """Lines of a '## Wall time' section: the finished runs' training hours per arm and in all."""
+    lines = ["## Wall time", "",
+             "Training time of the finished runs (each run's `train_seconds`: its epochs' time, summed "
+             "over resumed sessions; the machine can change between sessions, see each run's "
+             "`machines.json`).", "",
+             "| arm | timed runs | hours per run (mean) | min | max | hours in all |", "|---|---|---|---|---|---|"]
+    every = []
+    for arm, entry in arms.items():
+        hours = entry.get("train_hours", [])
+        every += hours
+        cells = [_fmt(np.mean(hours)), _fmt(min(hours)), _fmt(max(hours)), _fmt(sum(hours))] if hours else [""] * 4
+        lines.append("| " + " | ".join([arm, str(len(hours)), *cells]) + " |")
+    lines.append(f"| all | {len(every)} |  |  |  | {_fmt(sum(every))} |")
+    return lines
 
 
 def trials_markdown(ranked, params, val_split, method):

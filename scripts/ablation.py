@@ -14,7 +14,8 @@ subset k (``--subset_seed=k``), the same subset for every method.
 
 Writes ``runs.csv`` / ``runs.json`` (every run), ``summary.json`` / ``summary.md`` (per method
 n, mean ± sd, min, max of validation accuracy; Welch's t-test, Cohen's d, Hedges' g and the
-mean difference with its 95 % CI against ``--reference``; the distill.py command of each run) and
+mean difference with its 95 % CI against ``--reference``; the training hours of the finished runs;
+the distill.py command of each run) and
 ``ablation.png``, and ``curves.png``: every run's validation accuracy after each epoch, finished
 or not, with the last third of the epochs zoomed. Splits named ``test`` are refused unless
 ``--final_report``.

@@ -17,8 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeDistill:
-    """Stands in for the pipeline: writes results.json with accuracy ``score(flags)`` and a
-    two-epoch history.csv ending there; counts calls.
+    """Stands in for the pipeline: writes results.json with accuracy ``score(flags)``, half an
+    hour of training per seed + 1, and a two-epoch history.csv ending there; counts calls.
 
     ``flags`` is the run's parsed DistillConfig as a dict, plus its workdir.
     """
@@ -36,7 +36,7 @@ class FakeDistill:
         keep = flags["keep_blocks"]
         results = {"val_accuracy": self.score(flags), "val_split": flags["val_split"],
                    "method": flags["method"], "seed": flags["seed"], "trainable_params": 1000 * keep,
-                   "compression": 2_236_682 / (1000 * keep), "train_seconds": 1.0, "flags": flags,
+                   "compression": 2_236_682 / (1000 * keep), "train_seconds": 1800.0 * (1 + flags["seed"]), "flags": flags,
                    "student_path": os.path.join(workdir, "student.h5")}
         open(results["student_path"], "wb").close()
         with open(os.path.join(workdir, "history.csv"), "w") as handle:
@@ -350,6 +350,8 @@ def test_ablation_summary_and_plot(tmp_path):
         assert len(handle.read().strip().splitlines()) == 13
     markdown = open(os.path.join(out, "summary.md")).read()
     assert "| kd | 3 | 93.17 ± 1.26 |" in markdown and "Misalignment control" in markdown
+    assert kd["train_hours"] == [0.5, 1.0, 1.5]
+    assert "| kd | 3 | 1.00 | 0.50 | 1.50 | 3.00 |" in markdown and "| all | 12 |  |  |  | 12.00 |" in markdown
 
     # Rerunning launches nothing and reproduces the summary.
     again = campaigns.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
@@ -382,6 +384,7 @@ def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
     partial_markdown = open(os.path.join(out, "summary.md")).read()
     assert "Unfinished runs (rerun the same command to retry): student/seed1, kd/seed1" in partial_markdown
     assert "2 seeds planned per arm (0, 1)" in partial_markdown and "| kd | 1 |" in partial_markdown
+    assert "| kd | 1 | 0.50 | 0.50 | 0.50 | 0.50 |" in partial_markdown
 
     summary = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
                                      launcher=fake, log=quiet)
