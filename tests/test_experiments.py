@@ -36,7 +36,8 @@ class FakeDistill:
         keep = flags["keep_blocks"]
         results = {"val_accuracy": self.score(flags), "val_split": flags["val_split"],
                    "method": flags["method"], "seed": flags["seed"], "trainable_params": 1000 * keep,
-                   "compression": 2_236_682 / (1000 * keep), "train_seconds": 1800.0 * (1 + flags["seed"]), "flags": flags,
+                   "compression": 2_236_682 / (1000 * keep), "train_seconds": 1800.0 * (1 + flags["seed"]),
+                   "flags": flags,
                    "student_path": os.path.join(workdir, "student.h5")}
         open(results["student_path"], "wb").close()
         with open(os.path.join(workdir, "history.csv"), "w") as handle:
