@@ -181,13 +181,13 @@ def ablation_markdown(summary):
                            if paired else "")
             lines += ["", f"Misalignment control: `{arm}` - `{cmp['arm']}` = {_diff_ci(cmp)}, "
                           f"p = {_fmt_p(cmp['p'])} (Welch), Hedges' g = {_fmt(cmp['hedges_g'])}{paired_text}."]
-    lines += ["", *wall_time_markdown(summary["arms"])]
     if summary.get("eval_arms"):
         lines += ["", f"## Final report on `{splits['eval_split']}`", "",
                   arms_markdown(summary["eval_arms"], summary["reference"], "eval acc")]
     unfinished = [name for entry in summary["arms"].values() for name in entry["unfinished"]]
     if unfinished:
         lines += ["", f"Unfinished runs (rerun the same command to retry): {', '.join(unfinished)}"]
+    lines += ["", *wall_time_markdown(summary["arms"])]
     lines += ["", "## Commands", ""]
     for arm, entry in summary["arms"].items():
         lines += [f"- `{arm}`:"] + [f"  - `{command}`" for command in entry["commands"]]

@@ -384,7 +384,7 @@ def test_killed_ablation_leaves_an_up_to_date_table_and_summary(tmp_path):
     assert partial["arms"]["kd"]["unfinished"] == ["kd/seed1"]
     partial_markdown = open(os.path.join(out, "summary.md")).read()
     assert "Unfinished runs (rerun the same command to retry): student/seed1, kd/seed1" in partial_markdown
-    assert "2 seeds planned per arm (0, 1)" in partial_markdown and "| kd | 1 |" in partial_markdown
+    assert "2 seeds planned per arm (0, 1)" in partial_markdown and "| kd | 1 | 92.00 ± n/a |" in partial_markdown
     assert "| kd | 1 | 0.50 | 0.50 | 0.50 | 0.50 |" in partial_markdown
 
     summary = campaigns.run_ablation(out, make_flagfile(tmp_path), ["student", "kd"], [0, 1],
