@@ -34,8 +34,11 @@ def _prepare(output_dir, flagfile, extra_flags, final_report, split_overrides=No
 
 def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_flags="", reference="student",
                  final_report=False, launcher=experiments.distill_launcher, dry_run=False, report_only=False,
-                 log=print):
+                 log=print, contrasts=()):
     """Arms x seeds; writes runs.{csv,json}, summary.{json,md}, ablation.png and curves.png into ``output_dir``.
+
+    ``contrasts`` are planned comparisons ``"arm:other"`` (``arm - other``) reported beside the
+    tests against ``reference`` (``reports.contrast_tests``); they change no run.
 
     ``report_only`` launches nothing and rewrites the tables from the finished runs, e.g. after
     running some arms alone (``methods=["student"]``), which leaves tables of those arms only.
@@ -43,12 +46,13 @@ def run_ablation(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extra_f
     arms = experiments.parse_arms(arms)
     if reference not in arms:
         raise InvalidArgumentError(f"reference arm {reference!r} is not among the methods {arms}")
+    contrasts = reports.parse_contrasts(contrasts, arms)
     runs, extra, splits = _ablation_runs(output_dir, flagfile, arms, seeds, subset_fraction, extra_flags,
                                          final_report)
 
     def report(rows):
         return _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction,
-                                      reference, final_report)
+                                      reference, final_report, contrasts)
 
     launch_nothing = dry_run or report_only
     rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=launch_nothing, log=log,
@@ -75,7 +79,7 @@ def ablation_status(output_dir, flagfile, arms, seeds, subset_fraction=1.0, extr
 
 
 def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, subset_fraction, reference,
-                           final_report):
+                           final_report, contrasts=()):
     """summary.{json,md} and ablation.png from the rows so far (only finished runs count), and
     curves.png: every run's validation curve so far."""
     from kdig_tf import pipeline  # its history file name; TensorFlow is loaded by then in a campaign
@@ -99,6 +103,7 @@ def _write_ablation_report(rows, output_dir, flagfile, extra, splits, seeds, sub
         "base_flagfile": os.path.abspath(flagfile) if flagfile else None,
         "extra_flags": extra,
         "arms": arm_stats,
+        "contrasts": reports.contrast_tests(arm_stats, contrasts),
     }
     if any(row.get("eval_accuracy") is not None for row in rows):
         summary["eval_arms"] = reports.summarize_arms(rows, "eval_accuracy", reference)

@@ -58,10 +58,59 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
             if paired:
                 entry["vs_aligned_paired"] = dict(paired, arm=aligned)
         summary[arm] = entry
-    tested = [arm for arm in arms if "vs_reference" in summary[arm]]
-    for arm, adjusted in zip(tested, stats.holm([summary[arm]["vs_reference"]["p"] for arm in tested])):
-        summary[arm]["vs_reference"]["p_holm"] = adjusted
+    # One family per question: the arms against the reference, and the misalignment controls.
+    for key in ("vs_reference", "vs_reference_paired", "vs_aligned", "vs_aligned_paired"):
+        _holm_adjust([summary[arm][key] for arm in arms if key in summary[arm]])
     return summary
+
+
+def _holm_adjust(tests):
+    """Adds ``p_holm`` to every test dict: Holm's adjustment over the given family."""
+    for test, adjusted in zip(tests, stats.holm([test["p"] for test in tests])):
+        test["p_holm"] = adjusted
+
+
+def parse_contrasts(texts, arms):
+    """``["kd_ig:kd"]`` -> ``[("kd_ig", "kd")]``: each contrast tests ``arm - other``.
+
+    Both sides must be arms of the campaign and differ; a contrast may appear once.
+    """
+    contrasts = []
+    for text in texts:
+        parts = [part.strip() for part in str(text).split(":")]
+        if len(parts) != 2 or not all(parts):
+            raise InvalidArgumentError(f"contrast {text!r} is not of the form arm:other (e.g. kd_ig:kd)")
+        missing = [part for part in parts if part not in arms]
+        if missing:
+            raise InvalidArgumentError(f"contrast {text!r} names {missing}, not among the arms {list(arms)}")
+        if parts[0] == parts[1]:
+            raise InvalidArgumentError(f"contrast {text!r} compares an arm with itself")
+        if tuple(parts) in contrasts:
+            raise InvalidArgumentError(f"contrast {text!r} is given twice")
+        contrasts.append(tuple(parts))
+    return contrasts
+
+
+def contrast_tests(arms, contrasts, confidence=0.95):
+    """Planned comparisons ``arm - other`` from :func:`summarize_arms`' output.
+
+    Each is Welch's test (``welch``) and, over the seeds both arms finished, the paired
+    t-test (``paired``), each with ``p_holm``: Holm's adjustment over the contrasts.
+    """
+    values = {name: entry["values"] for name, entry in arms.items()}
+    seeds = {name: entry["seeds"] for name, entry in arms.items()}
+    tests = []
+    for arm, other in contrasts:
+        entry = {"arm": arm, "other": other, "n": [arms[arm]["n"], arms[other]["n"]]}
+        if values[arm] and values[other]:
+            entry["welch"] = stats.compare(values[arm], values[other], confidence)
+            paired = _paired(values, seeds, arm, other, confidence)
+            if paired:
+                entry["paired"] = paired
+        tests.append(entry)
+    for key in ("welch", "paired"):
+        _holm_adjust([entry[key] for entry in tests if key in entry])
+    return tests
 
 
 def _paired(values, seeds, arm, other, confidence):
@@ -133,15 +182,19 @@ def _fmt_p(value):
     return "<1e-4" if value < 1e-4 else f"{value:.4f}"
 
 
+def _ci(cmp):
+    return f"[{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}]"
+
+
 def _diff_ci(cmp):
-    return f"{cmp['mean_diff']:+.2f} [{_fmt(cmp['ci_low'], '+.2f')}, {_fmt(cmp['ci_high'], '+.2f')}]"
+    return f"{cmp['mean_diff']:+.2f} {_ci(cmp)}"
 
 
 def arms_markdown(arms, reference, metric_label):
     lines = [
         f"| arm | n | {metric_label} mean ± sd | min | max | Δ vs {reference} [95% CI] | t | dof | p | p (Holm) "
-        f"| Cohen's d | Hedges' g | paired Δ [95% CI] | paired p (pairs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| Cohen's d | Hedges' g | paired Δ [95% CI] | paired p | paired p (Holm) | pairs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in arms.items():
         cmp = entry.get("vs_reference")
@@ -154,11 +207,79 @@ def arms_markdown(arms, reference, metric_label):
         if cmp:
             tests = [_diff_ci(cmp), _fmt(cmp["t"]), _fmt(cmp["dof"], ".1f"), _fmt_p(cmp["p"]),
                      _fmt_p(cmp.get("p_holm")), _fmt(cmp["cohens_d"]), _fmt(cmp["hedges_g"])]
-            tests += [_diff_ci(paired), f"{_fmt_p(paired['p'])} ({paired['n']})"] if paired else ["n/a", "n/a"]
+            tests += _paired_cells(paired)
         else:
-            tests = ["(reference)" if arm == reference else "n/a"] + [""] * 8
+            tests = ["(reference)" if arm == reference else "n/a"] + [""] * 10
         lines.append("| " + " | ".join([arm, str(entry["n"]), spread, low, high, *tests]) + " |")
     return "\n".join(lines)
+
+
+def _paired_cells(paired):
+    if not paired:
+        return ["n/a", "n/a", "n/a", "< 2"]
+    return [_diff_ci(paired), _fmt_p(paired["p"]), _fmt_p(paired.get("p_holm")), str(paired["n"])]
+
+
+def contrasts_markdown(contrasts):
+    """Lines of a '## Contrasts' section: one row per planned comparison ``arm - other``."""
+    lines = ["## Contrasts", "",
+             "Planned comparisons (`--contrasts`); Holm's adjustment over these contrasts, separately for "
+             "Welch's and the paired test.", "",
+             "| contrast | n | Δ [95% CI] | Welch p | Welch p (Holm) | Hedges' g | paired Δ [95% CI] "
+             "| paired p | paired p (Holm) | pairs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in contrasts:
+        name = f"{entry['arm']} - {entry['other']}"
+        sizes = " / ".join(map(str, entry["n"]))
+        welch = entry.get("welch")
+        cells = ([_diff_ci(welch), _fmt_p(welch["p"]), _fmt_p(welch.get("p_holm")), _fmt(welch["hedges_g"])]
+                 if welch else ["n/a"] * 4) + _paired_cells(entry.get("paired"))
+        lines.append("| " + " | ".join([name, sizes, *cells]) + " |")
+    return lines
+
+
+def _finding(arm, other, sizes, welch, paired, alpha, label=""):
+    """One plain-language bullet: the difference, the test that decides and its verdict.
+
+    The paired test decides when at least 2 seeds are paired (the design pairs seeds), else Welch's.
+    """
+    head = f"- `{arm}` - `{other}`{label}"
+    if not welch:
+        return f"{head}: no finished runs on one side yet."
+    test, name = (paired, "paired") if paired else (welch, "Welch")
+    how = (f"mean of the per-seed differences over {paired['n']} seeds" if paired
+           else f"difference of the means of {sizes[0]} and {sizes[1]} runs")
+    p, p_holm = test.get("p"), test.get("p_holm")
+    text = f"{head}: {test['mean_diff']:+.2f} points ({how}"
+    if p is None or not math.isfinite(p) or p_holm is None or not math.isfinite(p_holm):
+        return (text + "); not testable yet: a test needs at least 2 runs per arm (and differences "
+                       "that vary between seeds).")
+    text += f", 95 % CI {_ci(test)}); {name} p = {_fmt_p(p)}, Holm-adjusted p = {_fmt_p(p_holm)}: "
+    if p_holm < alpha:
+        return text + f"**significant** at the {alpha:.0%} level (`{arm}` is {'higher' if test['mean_diff'] > 0 else 'lower'})."
+    return text + f"not significant at the {alpha:.0%} level; these runs cannot tell the two arms apart."
+
+
+def findings_markdown(summary, alpha=0.05):
+    """Lines of a '## Findings' section: every test of the report in words, with its verdict."""
+    arms, reference = summary["arms"], summary["reference"]
+    lines = ["## Findings", "",
+             f"Each line says whether a difference is significant at the {alpha:.0%} level after Holm's "
+             f"adjustment within its family (the arms against `{reference}`, the misalignment controls, the "
+             f"contrasts). The paired test decides when at least 2 seeds are paired, else Welch's test.", ""]
+    for arm, entry in arms.items():
+        if "vs_reference" in entry:
+            lines.append(_finding(arm, reference, (entry["n"], arms[reference]["n"]), entry["vs_reference"],
+                                  entry.get("vs_reference_paired"), alpha))
+    for arm, entry in arms.items():
+        if "vs_aligned" in entry:
+            other = entry["vs_aligned"]["arm"]
+            lines.append(_finding(arm, other, (entry["n"], arms[other]["n"]), entry["vs_aligned"],
+                                  entry.get("vs_aligned_paired"), alpha, " (misalignment control)"))
+    for entry in summary.get("contrasts", []):
+        lines.append(_finding(entry["arm"], entry["other"], entry["n"], entry.get("welch"), entry.get("paired"),
+                              alpha))
+    return lines
 
 
 def ablation_markdown(summary):
@@ -187,6 +308,9 @@ def ablation_markdown(summary):
     unfinished = [name for entry in summary["arms"].values() for name in entry["unfinished"]]
     if unfinished:
         lines += ["", f"Unfinished runs (rerun the same command to retry): {', '.join(unfinished)}"]
+    if summary.get("contrasts"):
+        lines += ["", *contrasts_markdown(summary["contrasts"])]
+    lines += ["", *findings_markdown(summary)]
     lines += ["", *wall_time_markdown(summary["arms"])]
     lines += ["", "## Commands", ""]
     for arm, entry in summary["arms"].items():

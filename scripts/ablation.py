@@ -14,7 +14,9 @@ subset k (``--subset_seed=k``), the same subset for every method.
 
 Writes ``runs.csv`` / ``runs.json`` (every run), ``summary.json`` / ``summary.md`` (per method
 n, mean ± sd, min, max of validation accuracy; Welch's t-test, Cohen's d, Hedges' g and the
-mean difference with its 95 % CI against ``--reference``; the training hours of the finished runs;
+mean difference with its 95 % CI against ``--reference``, the paired t-test over seeds, Holm's
+adjustment; the ``--contrasts`` between other arms; each test's verdict in words (Findings); the
+training hours of the finished runs;
 the distill.py command of each run) and
 ``ablation.png``, and ``curves.png``: every run's validation accuracy after each epoch, finished
 or not, with the last third of the epochs zoomed. Splits named ``test`` are refused unless
@@ -49,6 +51,8 @@ flags.DEFINE_string("output_dir", "results/ablation", "Campaign directory (runs,
 flags.DEFINE_float("subset_fraction", 1.0, "< 1: each seed trains on its own stratified random subset.")
 flags.DEFINE_string("extra_flags", "", "Flags passed to every run, e.g. \"--epochs=5 --batch_size=64\".")
 flags.DEFINE_string("reference", "student", "Arm every other arm is tested against.")
+flags.DEFINE_list("contrasts", [],
+                  "Planned comparisons arm:other (arm - other), e.g. kd_ig:kd,kd_online:kd; reported only.")
 flags.DEFINE_bool("final_report", False, "Allow splits named 'test' (the one final evaluation, never for tuning).")
 flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished runs; launch nothing.")
 flags.DEFINE_bool("status", False,
@@ -76,7 +80,8 @@ def _ablation():
     summary = campaigns.run_ablation(
         FLAGS.output_dir, FLAGS.flagfile_base or None, FLAGS.methods, seeds,
         subset_fraction=FLAGS.subset_fraction, extra_flags=FLAGS.extra_flags, reference=FLAGS.reference,
-        final_report=FLAGS.final_report, dry_run=FLAGS.dry_run, report_only=FLAGS.report_only)
+        final_report=FLAGS.final_report, dry_run=FLAGS.dry_run, report_only=FLAGS.report_only,
+        contrasts=FLAGS.contrasts)
     if summary is not None:
         print(reports.arms_markdown(summary["arms"], summary["reference"], "val acc"))
         print(f"written: {os.path.join(FLAGS.output_dir, 'summary.md')}")

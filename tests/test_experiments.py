@@ -319,7 +319,8 @@ def test_ablation_summary_and_plot(tmp_path):
     out = str(tmp_path / "ablation")
     fake = FakeDistill(by_arm)
     summary = campaigns.run_ablation(out, make_flagfile(tmp_path), list(ACCURACIES), [0, 1, 2],
-                                     subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet)
+                                     subset_fraction=0.8, extra_flags="--epochs=1", launcher=fake, log=quiet,
+                                     contrasts=["kd_ig:kd"])
     assert len(fake.calls) == 12
     assert {call["subset_seed"] for call in fake.calls} == {0, 1, 2}
     assert {call["store_dir"] for call in fake.calls} == {os.path.abspath(os.path.join(out, "store"))}
@@ -336,6 +337,12 @@ def test_ablation_summary_and_plot(tmp_path):
     paired = scipy_stats.ttest_rel(ACCURACIES["kd"], ACCURACIES["student"])
     assert kd["vs_reference_paired"]["p"] == pytest.approx(paired.pvalue)
     assert kd["vs_reference_paired"]["seeds"] == [0, 1, 2]
+    assert kd["vs_reference_paired"]["p_holm"] >= kd["vs_reference_paired"]["p"]
+    (contrast,) = summary["contrasts"]
+    assert (contrast["arm"], contrast["other"], contrast["n"]) == ("kd_ig", "kd", [3, 3])
+    assert contrast["paired"]["p"] == pytest.approx(scipy_stats.ttest_rel(ACCURACIES["kd_ig"], ACCURACIES["kd"]).pvalue)
+    assert contrast["welch"]["p"] == pytest.approx(
+        scipy_stats.ttest_ind(ACCURACIES["kd_ig"], ACCURACIES["kd"], equal_var=False).pvalue)
     shuffled = summary["arms"]["kd_ig_shuffled"]
     assert shuffled["vs_aligned"]["arm"] == "kd_ig" and shuffled["vs_aligned"]["mean_diff"] < 0
     assert shuffled["vs_aligned_paired"]["t"] == pytest.approx(
@@ -351,6 +358,11 @@ def test_ablation_summary_and_plot(tmp_path):
         assert len(handle.read().strip().splitlines()) == 13
     markdown = open(os.path.join(out, "summary.md")).read()
     assert "| kd | 3 | 93.17 ± 1.26 |" in markdown and "Misalignment control" in markdown
+    assert "| kd_ig - kd | 3 / 3 | +0.33 [" in markdown
+    # Paired kd - student: p = 0.0059, Holm over the 3 arms tested against student: 0.0176.
+    assert "- `kd` - `student`: +2.17 points (mean of the per-seed differences over 3 seeds" in markdown
+    assert "paired p = 0.0059, Holm-adjusted p = 0.0176: **significant**" in markdown
+    assert markdown.index("## Findings") < markdown.index("## Wall time")
     assert kd["train_hours"] == [0.5, 1.0, 1.5]
     assert "| kd | 3 | 1.00 | 0.50 | 1.50 | 3.00 |" in markdown and "| all | 12 |  |  |  | 12.00 |" in markdown
 
@@ -412,6 +424,15 @@ def test_one_arm_alone_then_report_only_restores_every_arm_in_the_tables(tmp_pat
         assert json.load(handle) == summary
     with open(os.path.join(out, "runs.json")) as handle:
         assert [row["status"] for row in json.load(handle)] == ["skipped", "skipped", "skipped", "pending"]
+
+
+@pytest.mark.parametrize("contrast", ["kd_ig:kd", "kd:kd", "kd", "kd:student:kd_ig"])
+def test_bad_contrast_stops_the_ablation_before_any_run(tmp_path, contrast):
+    fake = FakeDistill(by_arm)
+    with pytest.raises(InvalidArgumentError, match="contrast"):
+        campaigns.run_ablation(str(tmp_path / "a"), None, ["student", "kd"], [0], launcher=fake, log=quiet,
+                               contrasts=[contrast])
+    assert fake.calls == []
 
 
 def test_ablation_refuses_test_split_unless_final_report(tmp_path):

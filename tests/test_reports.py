@@ -3,8 +3,9 @@ import kdig_tf  # noqa: F401
 import os
 
 import pytest
+from scipy import stats as scipy_stats
 
-from kdig_tf import reports
+from kdig_tf import reports, stats
 from kdig_tf.errors import InvalidArgumentError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,3 +53,53 @@ def test_plotting_no_curve_is_a_named_error(tmp_path):
     with pytest.raises(InvalidArgumentError):
         reports.plot_learning_curves([], str(tmp_path / "curves.png"), "val acc (%)", "none")
     assert not os.listdir(tmp_path)
+
+
+def finished_rows(values_by_arm):
+    return [{"arm": arm, "run": f"{arm}/seed{seed}", "seed": seed, "status": "ok", "val_accuracy": value}
+            for arm, values in values_by_arm.items() for seed, value in enumerate(values)]
+
+
+def test_contrasts_match_scipy_and_holm_adjusts_over_the_contrasts():
+    values = {"student": [90.0, 91.0, 92.0], "kd": [91.0, 91.5, 93.2], "kd_ig": [91.4, 92.3, 93.5],
+              "kd_online": [90.1, 91.6, 92.0]}
+    arms = reports.summarize_arms(finished_rows(values))
+    tests = reports.contrast_tests(arms, reports.parse_contrasts(["kd_ig:kd", "kd_online:kd"], list(arms)))
+    paired_p = [scipy_stats.ttest_rel(values[arm], values["kd"]).pvalue for arm in ("kd_ig", "kd_online")]
+    welch_p = [scipy_stats.ttest_ind(values[arm], values["kd"], equal_var=False).pvalue
+               for arm in ("kd_ig", "kd_online")]
+    assert [test["paired"]["p"] for test in tests] == pytest.approx(paired_p)
+    assert [test["welch"]["p"] for test in tests] == pytest.approx(welch_p)
+    smaller, larger = sorted(paired_p)
+    assert sorted(test["paired"]["p_holm"] for test in tests) == pytest.approx(
+        [min(1.0, 2 * smaller), min(1.0, max(2 * smaller, larger))])
+    assert tests[0]["paired"]["mean_diff"] == pytest.approx(0.5)
+    # The family against the reference is adjusted on its own, for the paired test as well.
+    against_student = [arms[arm]["vs_reference_paired"]["p"] for arm in ("kd", "kd_ig", "kd_online")]
+    assert [arms[arm]["vs_reference_paired"]["p_holm"] for arm in ("kd", "kd_ig", "kd_online")] == pytest.approx(
+        stats.holm(against_student))
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["kd_ig"], "form arm:other"), (["kd_ig:"], "form arm:other"), (["kd_ig:kd_igg"], "kd_igg"),
+    (["kd:kd"], "itself"), (["kd_ig:kd", " kd_ig : kd "], "twice")])
+def test_bad_contrasts_are_named_errors(texts, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        reports.parse_contrasts(texts, ["student", "kd", "kd_ig"])
+
+
+def test_findings_say_significant_not_significant_and_not_testable():
+    values = {"student": [90.0, 91.0, 92.0], "kd": [92.0, 93.1, 94.0], "kd_ig": [89.0, 92.5, 91.6],
+              "kd_online": [91.0]}
+    arms = reports.summarize_arms(finished_rows(values))
+    summary = stats.finite_or_none({"arms": arms, "reference": "student", "contrasts": reports.contrast_tests(
+        arms, reports.parse_contrasts(["kd_ig:kd"], list(arms)))})
+    lines = {line.split(":")[0]: line for line in reports.findings_markdown(summary) if line.startswith("- ")}
+    assert set(lines) == {"- `kd` - `student`", "- `kd_ig` - `student`", "- `kd_online` - `student`",
+                          "- `kd_ig` - `kd`"}
+    assert "over 3 seeds" in lines["- `kd` - `student`"] and "**significant**" in lines["- `kd` - `student`"]
+    assert "`kd` is higher" in lines["- `kd` - `student`"]
+    assert "not significant" in lines["- `kd_ig` - `student`"]
+    assert "not testable yet" in lines["- `kd_online` - `student`"]
+    # A lone contrast: Holm leaves its p as it is (0.109, not significant).
+    assert "paired p = 0.1091, Holm-adjusted p = 0.1091: not significant" in lines["- `kd_ig` - `kd`"]
