@@ -290,7 +290,7 @@ def ablation_markdown(summary):
         f"Validation accuracy (%) on `{splits['val_split']}`, {summary['protocol']}. Welch's t-test "
         f"(two-sided) and effect sizes against `{summary['reference']}`; Holm's adjustment over the arms "
         f"tested against it. The paired columns test the per-seed differences (runs with the same seed "
-        f"start from the same student and see the same batches).",
+        f"start from the same student and see the same batches), Holm-adjusted over the same arms.",
         "",
         arms_markdown(summary["arms"], summary["reference"], "val acc"),
     ]
