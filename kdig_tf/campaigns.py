@@ -1,4 +1,5 @@
-"""The campaigns of distillation runs: ablation, hyper-parameter search, compression sweep.
+"""The campaigns of distillation runs: ablation, hyper-parameter search, compression sweep,
+and the check that a campaign's saved students reproduce its recorded numbers.
 
 Each builds its grid of runs, runs it in this process with ``kdig_tf.experiments``
 (finished runs skipped, stale ones refused) and writes its report with ``kdig_tf.reports``.
@@ -12,11 +13,12 @@ import kdig_tf  # noqa: F401
 import itertools
 import math
 import os
+import time
 
 import numpy as np
 
-from kdig_tf import experiments, reports, stats
-from kdig_tf.errors import InvalidArgumentError, NotAModelError, UnknownKeyError
+from kdig_tf import benchmark, experiments, reports, stats
+from kdig_tf.errors import InvalidArgumentError, KdigError, NotAModelError, UnknownKeyError, VerificationError
 from kdig_tf.io_utils import atomic_write_bytes, atomic_write_json, read_json_or_none
 
 
@@ -274,8 +276,6 @@ def measure_student_latency(results, workdir, tflite_dir, keep_blocks, warmup_ru
     Uses the run's fp32 export if there is one, else converts ``student_path``. Latency
     does not depend on the weights, so the sweep measures one model per ``keep_blocks``.
     """
-    from kdig_tf import benchmark
-
     path = find_fp32_tflite(results, workdir)
     source = "distill export"
     if path is None:
@@ -342,3 +342,94 @@ def run_compression_sweep(output_dir, flagfile, keep_blocks, arms, seeds, extra_
     if any(point["n"] for point in points):
         reports.plot_sweep(points, os.path.join(output_dir, "sweep.png"), splits["val_split"])
     return report
+
+
+# --------------------------------------------------------------------------- verification
+
+VERIFY_FILE = "verify.json"
+
+
+def verify_runs(output_dir, evaluate, data_dir=None, tolerance_points=0.1, log=print):
+    """Re-evaluate every finished run's ``student.h5`` and check it against its ``results.json``.
+
+    ``evaluate(weights, dataset=..., split=..., data_dir=...)`` returns a dict with ``accuracy``
+    (%), ``num_correct``, ``num_examples`` and ``trainable_params`` (``scripts/evaluate.py``'s
+    ``run_evaluation``). A run passes when the file loads, its accuracy on the recorded
+    ``val_split`` is within ``tolerance_points`` of the recorded ``val_accuracy`` (kernels and
+    machines may flip a few images), and its parameter and example counts equal the recorded
+    ones. Writes ``verify.json`` in ``output_dir`` with every run's outcome, then raises
+    ``VerificationError`` naming the runs that failed.
+    """
+    if not tolerance_points >= 0:
+        raise InvalidArgumentError(f"tolerance_points must be >= 0, got {tolerance_points}")
+    rows = read_json_or_none(os.path.join(output_dir, "runs.json"))
+    if not isinstance(rows, list):
+        raise InvalidArgumentError(f"no readable campaign table {os.path.join(output_dir, 'runs.json')}; "
+                                   "run the campaign (or its --report_only) first")
+    finished = [row for row in rows if row.get("status") in experiments.FINISHED]
+    checked = []
+    for index, row in enumerate(finished, 1):
+        outcome = _verify_run(output_dir, row, evaluate, data_dir, tolerance_points)
+        checked.append(outcome)
+        verdict = "ok" if outcome["ok"] else "FAILED: " + "; ".join(outcome["problems"])
+        log(f"[{index}/{len(finished)}] {row['run']}: recorded {_points(outcome['recorded_accuracy'])}, "
+            f"re-evaluated {_points(outcome.get('accuracy'))} -> {verdict}")
+    failed = [outcome["run"] for outcome in checked if not outcome["ok"]]
+    # Where the check ran: a run trained on another CPU or kernel may round a few images differently.
+    report = {"checked_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": benchmark.cpu_model(),
+              "onednn": benchmark.tensorflow_onednn(),
+              "output_dir": output_dir, "tolerance_points": tolerance_points, "num_finished": len(finished),
+              "num_unfinished": len(rows) - len(finished), "num_failed": len(failed),
+              "all_ok": not failed, "runs": checked}
+    atomic_write_json(os.path.join(output_dir, VERIFY_FILE), report)
+    if failed:
+        raise VerificationError(f"{len(failed)} of {len(finished)} finished runs do not reproduce their "
+                                f"results.json: {', '.join(failed)} (see {VERIFY_FILE})")
+    return report
+
+
+def _points(value):
+    return "n/a" if value is None else f"{value:.2f} %"
+
+
+def _verify_run(output_dir, row, evaluate, data_dir, tolerance_points):
+    """One finished run's outcome for :func:`verify_runs` (its ``problems`` list why it fails)."""
+    workdir = os.path.join(output_dir, "runs", row["run"])
+    if not os.path.isdir(workdir):
+        workdir = row.get("workdir") or workdir
+    results = read_json_or_none(os.path.join(workdir, experiments.RESULTS_FILE)) or {}
+    outcome = {"run": row["run"], "recorded_accuracy": results.get("val_accuracy"),
+               "recorded_params": results.get("trainable_params"), "split": results.get("val_split"),
+               "problems": []}
+    weights = experiments.recorded_output(workdir, results.get("student_path"))
+    if not results:
+        outcome["problems"].append(f"no readable {experiments.RESULTS_FILE} in {workdir}")
+    elif weights is None:
+        outcome["problems"].append(f"student file {results.get('student_path')!r} is not on disk")
+    else:
+        flags = results.get("flags") or {}
+        try:
+            result = evaluate(weights, dataset=flags.get("dataset", "cifar10"), split=results["val_split"],
+                              data_dir=data_dir or flags.get("data_dir"))
+        except KdigError as err:
+            outcome["problems"].append(f"cannot evaluate {weights}: {type(err).__name__}: {err}")
+        else:
+            outcome.update(weights=os.path.relpath(weights, output_dir), weights_sha256=result.get("weights_sha256"),
+                           accuracy=result["accuracy"], num_correct=result["num_correct"],
+                           num_examples=result["num_examples"], trainable_params=result.get("trainable_params"))
+            outcome["problems"].extend(_mismatches(outcome, results, tolerance_points))
+    outcome["ok"] = not outcome["problems"]
+    return outcome
+
+
+def _mismatches(outcome, results, tolerance_points):
+    problems = []
+    recorded = outcome["recorded_accuracy"]
+    if recorded is None or not abs(outcome["accuracy"] - recorded) <= tolerance_points:
+        problems.append(f"accuracy {outcome['accuracy']:.2f} % vs recorded {_points(recorded)} "
+                        f"(tolerance {tolerance_points} points)")
+    if outcome["recorded_params"] is not None and outcome["trainable_params"] != outcome["recorded_params"]:
+        problems.append(f"{outcome['trainable_params']} trainable parameters vs recorded {outcome['recorded_params']}")
+    if results.get("num_val") is not None and outcome["num_examples"] != results["num_val"]:
+        problems.append(f"{outcome['num_examples']} examples in {outcome['split']} vs recorded {results['num_val']}")
+    return problems

@@ -62,3 +62,7 @@ class UnreadableImageError(KdigError):
 
 class CorruptRunFileError(KdigError):
     """A bookkeeping file of a run directory exists but cannot be read."""
+
+
+class VerificationError(KdigError):
+    """A run's saved model does not reproduce the numbers recorded for it (or cannot be evaluated)."""

@@ -56,6 +56,8 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
     import time
 
+    import numpy as np
+
     from kdig_tf import benchmark, data, loading, models
     from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
     from kdig_tf.io_utils import atomic_write_json, sha256_file
@@ -70,6 +72,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         if output_json and os.path.abspath(output_json) == os.path.abspath(export.sidecar_path(weights)):
             raise InvalidArgumentError(f"--output_json {output_json} would overwrite the model's sidecar")
         predictor, names, num_outputs = tflite_predictor(weights)
+        trainable_params = None  # a .tflite holds constants, not trainable weights
         found_arch, found_keep = loading.describe_names(names)
         recorded = export.sidecar_input_spec(weights, required=False)
         names_source = "tensor names"
@@ -89,6 +92,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         num_outputs = int(model.output_shape[-1])
         # Where the preprocessing came from: the file itself, or the kdig_tf architecture it holds.
         names_source = "layer names" if model is not stored else "model"
+        trainable_params = int(sum(int(np.prod(weight.shape)) for weight in model.trainable_weights))
     source = "--arch" if arch else names_source
     arch = arch or found_arch
     if arch == "student" and keep_blocks is None:
@@ -126,6 +130,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         "weights": os.path.abspath(weights),
         "weights_sha256": sha256_file(weights),
         "arch": arch,
+        "trainable_params": trainable_params,
         "keep_blocks": keep_blocks if arch == "student" else None,
         "input_kind": kind,
         "input_kind_source": source,  # "sidecar", "tensor names", "layer names" or "--arch"
@@ -136,8 +141,9 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     if output_json:
         atomic_write_json(output_json, result)
     depth = f" keep_blocks={keep_blocks}" if arch == "student" else ""
+    params = f", {trainable_params:,} trainable parameters" if trainable_params is not None else ""
     print(f"{os.path.basename(weights)}: accuracy={result['accuracy']:.2f}% ({correct}/{count}) "
-          f"on {dataset} {split} [{arch}{depth}, {kind} input from {source}] in {seconds:.1f}s")
+          f"on {dataset} {split} [{arch}{depth}, {kind} input from {source}{params}] in {seconds:.1f}s")
     return result
 
 

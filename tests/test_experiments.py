@@ -9,9 +9,9 @@ import sys
 import pytest
 from scipy import stats as scipy_stats
 
-from kdig_tf import campaigns, cli, experiments
+from kdig_tf import benchmark, campaigns, cli, experiments
 from kdig_tf.errors import (InvalidArgumentError, StaleRunError, TestSplitSelectionError,
-                            UnknownKeyError)
+                            UnknownKeyError, VerificationError)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -546,6 +546,93 @@ def test_find_fp32_tflite(tmp_path):
     assert campaigns.find_fp32_tflite(results, str(tmp_path)) is None
 
 
+# --------------------------------------------------------------------------- verification of saved students
+
+class FakeEvaluate:
+    """Stands in for scripts/evaluate.py: ``accuracy(run)`` per run key, ``params`` per run key."""
+
+    def __init__(self, accuracy, params=None):
+        self.accuracy, self.params, self.calls = accuracy, params or {}, []
+
+    def __call__(self, weights, dataset, split, data_dir):
+        run = os.path.relpath(os.path.dirname(weights), os.path.dirname(os.path.dirname(os.path.dirname(weights))))
+        self.calls.append(dict(run=run, dataset=dataset, split=split, data_dir=data_dir))
+        return {"accuracy": self.accuracy(run), "num_correct": 0, "num_examples": 5000,
+                "trainable_params": self.params.get(run, 1000 * 14), "weights_sha256": "0" * 64}
+
+
+def _finished_ablation(tmp_path, fail=()):
+    out = str(tmp_path / "ablation")
+    scores = {"student": 90.0, "kd": 91.0}
+    campaigns.run_ablation(out, make_flagfile(tmp_path, "--keep_blocks=14\n--val_split=train[90%:]\n"),
+                           ["student", "kd"], [0, 1], launcher=FakeDistill(lambda flags: scores[flags["method"]] +
+                                                                          flags["seed"] / 10, fail=fail),
+                           log=quiet)
+    return out
+
+
+def test_verify_runs_reevaluates_every_finished_run_and_writes_verify_json(tmp_path):
+    out = _finished_ablation(tmp_path, fail=["kd/seed1"])
+    recorded = {"student/seed0": 90.0, "student/seed1": 90.1, "kd/seed0": 91.0}
+    # Within the tolerance: 0.1 points off passes.
+    evaluate = FakeEvaluate(lambda run: recorded[run] + 0.1)
+    messages = []
+    report = campaigns.verify_runs(out, evaluate, data_dir="/data", tolerance_points=0.1, log=messages.append)
+    assert sorted(call["run"] for call in evaluate.calls) == sorted(recorded)  # kd/seed1 failed: not checked
+    assert {(call["dataset"], call["split"], call["data_dir"]) for call in evaluate.calls} == {
+        ("cifar10", "train[90%:]", "/data")}
+    assert report["all_ok"] and report["num_finished"] == 3 and report["num_unfinished"] == 1
+    assert report["cpu"] == benchmark.cpu_model() and report["checked_at"].endswith("Z")
+    with open(os.path.join(out, campaigns.VERIFY_FILE)) as handle:
+        assert json.load(handle) == report
+    run = {entry["run"]: entry for entry in report["runs"]}["kd/seed0"]
+    assert run["recorded_accuracy"] == 91.0 and run["accuracy"] == pytest.approx(91.1)
+    assert run["trainable_params"] == run["recorded_params"] == 14000 and run["weights"] == "runs/kd/seed0/student.h5"
+    assert messages[-1].startswith("[3/3] ") and messages[-1].endswith("-> ok")
+
+
+@pytest.mark.parametrize("case", ["accuracy", "params", "missing_student"])
+def test_verify_runs_names_the_runs_that_do_not_reproduce(tmp_path, case):
+    out = _finished_ablation(tmp_path)
+    accuracy = {"student/seed0": 90.0, "student/seed1": 90.1, "kd/seed0": 91.0, "kd/seed1": 91.1}
+    params = {}
+    if case == "accuracy":
+        accuracy["kd/seed1"] = 90.9  # 0.2 points below the record
+    elif case == "params":
+        params["kd/seed1"] = 13999
+    else:
+        os.remove(os.path.join(out, "runs", "kd", "seed1", "student.h5"))
+    evaluate = FakeEvaluate(accuracy.get, params)
+    with pytest.raises(VerificationError, match=r"1 of 4 finished runs .*: kd/seed1 "):
+        campaigns.verify_runs(out, evaluate, tolerance_points=0.1, log=quiet)
+    with open(os.path.join(out, campaigns.VERIFY_FILE)) as handle:
+        report = json.load(handle)
+    assert not report["all_ok"] and report["num_failed"] == 1
+    failed = [entry for entry in report["runs"] if not entry["ok"]]
+    assert [entry["run"] for entry in failed] == ["kd/seed1"]
+    expected = {"accuracy": "accuracy 90.90 % vs recorded 91.10 %", "params": "13999 trainable parameters",
+                "missing_student": "is not on disk"}[case]
+    assert expected in failed[0]["problems"][0]
+    assert len(evaluate.calls) == (3 if case == "missing_student" else 4)
+
+
+def test_verify_runs_refuses_bad_input(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="no readable campaign table"):
+        campaigns.verify_runs(str(tmp_path), FakeEvaluate(lambda run: 0.0), log=quiet)
+    out = _finished_ablation(tmp_path)
+    for tolerance in (-0.1, float("nan")):
+        with pytest.raises(InvalidArgumentError, match="tolerance_points"):
+            campaigns.verify_runs(out, FakeEvaluate(lambda run: 0.0), tolerance_points=tolerance, log=quiet)
+    assert not os.path.exists(os.path.join(out, campaigns.VERIFY_FILE))
+
+
+def test_verify_script_exits_2_without_a_campaign(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "verify_runs.py"),
+                             f"--output_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == cli.EXIT_BAD_INPUT
+    assert "error: InvalidArgumentError: no readable campaign table" in result.stderr
+
+
 # --------------------------------------------------------------------------- in-process, on mock data
 
 SMOKE = os.path.join(REPO, "flags", "smoke.cfg")
@@ -605,6 +692,22 @@ def test_ablation_trains_every_run_in_process(tmp_path, tiny_teacher, no_subproc
                                   common={"store_dir": os.path.join(out, "store"), "teacher": tiny_teacher}),
             SMOKE, log=quiet)
     assert [row["status"] for row in rows] == ["skipped", "skipped"]
+
+    # The saved students reproduce the recorded accuracy and parameter count (scripts/evaluate.py).
+    with mock_cifar10():
+        report = campaigns.verify_runs(out, _evaluate_script().run_evaluation, tolerance_points=0.0, log=quiet)
+    assert report["all_ok"] and report["num_finished"] == 2, report
+    for entry in report["runs"]:
+        assert entry["trainable_params"] == entry["recorded_params"] > 0 and entry["num_examples"] == 12
+
+
+def _evaluate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(REPO, "scripts", "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_failed_run_is_reported_and_the_next_one_still_runs(tmp_path, no_subprocess):
