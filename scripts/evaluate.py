@@ -56,8 +56,6 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
     """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
     import time
 
-    import numpy as np
-
     from kdig_tf import benchmark, data, loading, models
     from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
     from kdig_tf.io_utils import atomic_write_json, sha256_file
@@ -92,7 +90,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         num_outputs = int(model.output_shape[-1])
         # Where the preprocessing came from: the file itself, or the kdig_tf architecture it holds.
         names_source = "layer names" if model is not stored else "model"
-        trainable_params = int(sum(int(np.prod(weight.shape)) for weight in model.trainable_weights))
+        trainable_params = models.count_trainable_params(model)
     source = "--arch" if arch else names_source
     arch = arch or found_arch
     if arch == "student" and keep_blocks is None:

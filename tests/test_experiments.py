@@ -662,6 +662,8 @@ def mock_cifar10():
 
 
 def test_ablation_trains_every_run_in_process(tmp_path, tiny_teacher, no_subprocess, capfd):
+    from test_evaluate import evaluate_script  # scripts/evaluate.py, loaded once by its own tests
+
     out = str(tmp_path / "ablation")
     messages = []
     with mock_cifar10():
@@ -695,19 +697,10 @@ def test_ablation_trains_every_run_in_process(tmp_path, tiny_teacher, no_subproc
 
     # The saved students reproduce the recorded accuracy and parameter count (scripts/evaluate.py).
     with mock_cifar10():
-        report = campaigns.verify_runs(out, _evaluate_script().run_evaluation, tolerance_points=0.0, log=quiet)
+        report = campaigns.verify_runs(out, evaluate_script.run_evaluation, tolerance_points=0.0, log=quiet)
     assert report["all_ok"] and report["num_finished"] == 2, report
     for entry in report["runs"]:
         assert entry["trainable_params"] == entry["recorded_params"] > 0 and entry["num_examples"] == 12
-
-
-def _evaluate_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(REPO, "scripts", "evaluate.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_failed_run_is_reported_and_the_next_one_still_runs(tmp_path, no_subprocess):
