@@ -406,6 +406,8 @@ def _verify_run(output_dir, row, evaluate, data_dir, tolerance_points):
         outcome["problems"].append(f"no readable {experiments.RESULTS_FILE} in {workdir}")
     elif weights is None:
         outcome["problems"].append(f"student file {results.get('student_path')!r} is not on disk")
+    elif not results.get("val_split"):
+        outcome["problems"].append(f"{experiments.RESULTS_FILE} in {workdir} records no val_split to evaluate on")
     else:
         flags = results.get("flags") or {}
         try:

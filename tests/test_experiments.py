@@ -591,7 +591,7 @@ def test_verify_runs_reevaluates_every_finished_run_and_writes_verify_json(tmp_p
     assert messages[-1].startswith("[3/3] ") and messages[-1].endswith("-> ok")
 
 
-@pytest.mark.parametrize("case", ["accuracy", "params", "missing_student"])
+@pytest.mark.parametrize("case", ["accuracy", "params", "missing_student", "no_val_split"])
 def test_verify_runs_names_the_runs_that_do_not_reproduce(tmp_path, case):
     out = _finished_ablation(tmp_path)
     accuracy = {"student/seed0": 90.0, "student/seed1": 90.1, "kd/seed0": 91.0, "kd/seed1": 91.1}
@@ -600,8 +600,15 @@ def test_verify_runs_names_the_runs_that_do_not_reproduce(tmp_path, case):
         accuracy["kd/seed1"] = 90.9  # 0.2 points below the record
     elif case == "params":
         params["kd/seed1"] = 13999
-    else:
+    elif case == "missing_student":
         os.remove(os.path.join(out, "runs", "kd", "seed1", "student.h5"))
+    else:  # a hand-edited results.json: a named problem, not a KeyError
+        results_path = os.path.join(out, "runs", "kd", "seed1", experiments.RESULTS_FILE)
+        with open(results_path) as handle:
+            results = json.load(handle)
+        del results["val_split"]
+        with open(results_path, "w") as handle:
+            json.dump(results, handle)
     evaluate = FakeEvaluate(accuracy.get, params)
     with pytest.raises(VerificationError, match=r"1 of 4 finished runs .*: kd/seed1 "):
         campaigns.verify_runs(out, evaluate, tolerance_points=0.1, log=quiet)
@@ -611,9 +618,9 @@ def test_verify_runs_names_the_runs_that_do_not_reproduce(tmp_path, case):
     failed = [entry for entry in report["runs"] if not entry["ok"]]
     assert [entry["run"] for entry in failed] == ["kd/seed1"]
     expected = {"accuracy": "accuracy 90.90 % vs recorded 91.10 %", "params": "13999 trainable parameters",
-                "missing_student": "is not on disk"}[case]
+                "missing_student": "is not on disk", "no_val_split": "records no val_split"}[case]
     assert expected in failed[0]["problems"][0]
-    assert len(evaluate.calls) == (3 if case == "missing_student" else 4)
+    assert len(evaluate.calls) == (3 if case in ("missing_student", "no_val_split") else 4)
 
 
 def test_verify_runs_refuses_bad_input(tmp_path):
