@@ -379,27 +379,39 @@ def sweep_markdown(points, val_split, reference):
 
 
 def plot_arms(arms, path, ylabel, title):
-    """A strip plot: one column per arm, every seed as a point, the mean ± sd as a marker and error bar.
+    """A strip plot: one column per arm, the mean ± sd as a marker and error bar, and every seed as
+    a point in its own colour, linked across arms by a faint line: the paired tests compare seeds
+    within a pair, and the lines show those pairs.
 
     No bars: the y axis is cut to the data, and a bar's length would then exaggerate the gaps.
+    Returns the figure (already written to ``path``).
     """
     names = list(arms)
     figure, axes = subplots(figsize=(max(4.0, 1.3 * len(names) + 1.5), 4.0))
-    rng = np.random.default_rng(0)  # fixed jitter: the figure is reproducible
     for x, arm in enumerate(names):
         entry = arms[arm]
-        if not entry["n"]:
-            continue
-        sd = entry.get("sd")
-        axes.errorbar(x, entry["mean"], yerr=sd if sd is not None else None, fmt="_", color="k",
-                      capsize=6, markersize=20, zorder=3)
-        jitter = rng.uniform(-0.15, 0.15, size=len(entry["values"]))
-        axes.scatter(x + jitter, entry["values"], s=16, color="C1", zorder=4)
+        if entry["n"]:
+            sd = entry.get("sd")
+            axes.errorbar(x, entry["mean"], yerr=sd if sd is not None else None, fmt="_", color="k",
+                          capsize=6, markersize=20, zorder=3)
+    seeds = sorted({seed for arm in names for seed in arms[arm].get("seeds", [])})
+    for index, seed in enumerate(seeds):
+        # A fixed offset per seed rather than random jitter: the figure is reproducible and a
+        # seed sits at the same place in every column.
+        offset = 0.06 * (index - (len(seeds) - 1) / 2)
+        points = [(x + offset, arms[arm]["values"][arms[arm]["seeds"].index(seed)])
+                  for x, arm in enumerate(names) if seed in arms[arm].get("seeds", [])]
+        xs, ys = zip(*points)
+        color = f"C{index % 10}"
+        axes.plot(xs, ys, "-", color=color, linewidth=0.8, alpha=0.35, zorder=2)
+        axes.scatter(xs, ys, s=16, color=color, zorder=4, label=f"seed {seed}")
     finished = [value for arm in names for value in arms[arm]["values"]]
     if finished:
         low, high = min(finished), max(finished)
         pad = max(0.5, 0.15 * (high - low))
         axes.set_ylim(low - pad, high + pad)  # an axis from zero would hide sub-point differences
+    if seeds:
+        axes.legend(fontsize=8, loc="best")
     axes.set_xticks(range(len(names)))
     axes.set_xticklabels([f"{arm}\n(n={arms[arm]['n']})" for arm in names])
     axes.set_ylabel(ylabel)
@@ -408,6 +420,7 @@ def plot_arms(arms, path, ylabel, title):
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=150, format="png")
+    return figure
 
 
 def learning_curves(rows, history_name, column="val_accuracy"):

@@ -60,6 +60,26 @@ def finished_rows(values_by_arm):
             for arm, values in values_by_arm.items() for seed, value in enumerate(values)]
 
 
+def test_ablation_plot_draws_each_seed_in_its_own_colour_linked_across_arms(tmp_path):
+    rows = finished_rows({"student": [91.8, 91.2], "kd": [91.4], "kd_ig": [90.8, 90.9]})
+    rows[0]["status"] = "pending"  # student/seed0 unfinished: seed 0 has points in kd and kd_ig only
+    path = str(tmp_path / "ablation.png")
+    figure = reports.plot_arms(reports.summarize_arms(rows), path, "val acc (%)", "ablation")
+    with open(path, "rb") as handle:
+        assert handle.read(8) == PNG
+    (axes,) = figure.axes
+    points = {collection.get_label(): collection.get_offsets() for collection in axes.collections
+              if collection.get_label().startswith("seed")}
+    assert sorted(points) == ["seed 0", "seed 1"]
+    # Columns 0, 1, 2 = student, kd, kd_ig; seed 0 sits left of the column, seed 1 right.
+    assert [round(x, 2) for x in points["seed 0"][:, 0]] == [0.97, 1.97]
+    assert list(points["seed 0"][:, 1]) == [91.4, 90.8]
+    assert [round(x, 2) for x in points["seed 1"][:, 0]] == [0.03, 2.03]
+    assert list(points["seed 1"][:, 1]) == [91.2, 90.9]
+    links = [line for line in axes.lines if len(line.get_xdata()) > 1 and line.get_linestyle() == "-"]
+    assert sorted(list(line.get_ydata()) for line in links) == [[91.2, 90.9], [91.4, 90.8]]
+
+
 def test_contrasts_match_scipy_and_holm_adjusts_over_the_contrasts():
     values = {"student": [90.0, 91.0, 92.0], "kd": [91.0, 91.5, 93.2], "kd_ig": [91.4, 92.3, 93.5],
               "kd_online": [90.1, 91.6, 92.0]}
