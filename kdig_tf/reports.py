@@ -46,17 +46,14 @@ def summarize_arms(rows, metric="val_accuracy", reference="student", confidence=
         entry = {"n": 0} if not values[arm] else stats.summarize(values[arm])
         entry.update(values=values[arm], seeds=seeds[arm], unfinished=unfinished[arm],
                      train_hours=[value / 3600 for value in seconds[arm]])
-        if arm != reference and values[arm] and values.get(reference):
-            entry["vs_reference"] = stats.compare(values[arm], values[reference], confidence)
-            paired = _paired(values, seeds, arm, reference, confidence)
-            if paired:
-                entry["vs_reference_paired"] = paired
+        if arm != reference:
+            welch, paired = _welch_and_paired(values, seeds, arm, reference, confidence)
+            _set_present(entry, vs_reference=welch, vs_reference_paired=paired)
         aligned = arm[:-len(SHUFFLED_SUFFIX)] if arm.endswith(SHUFFLED_SUFFIX) else None
-        if aligned and values[arm] and values.get(aligned):
-            entry["vs_aligned"] = dict(stats.compare(values[arm], values[aligned], confidence), arm=aligned)
-            paired = _paired(values, seeds, arm, aligned, confidence)
-            if paired:
-                entry["vs_aligned_paired"] = dict(paired, arm=aligned)
+        if aligned:
+            welch, paired = _welch_and_paired(values, seeds, arm, aligned, confidence)
+            _set_present(entry, vs_aligned=welch and dict(welch, arm=aligned),
+                         vs_aligned_paired=paired and dict(paired, arm=aligned))
         summary[arm] = entry
     # One family per question: the arms against the reference, and the misalignment controls.
     for key in ("vs_reference", "vs_reference_paired", "vs_aligned", "vs_aligned_paired"):
@@ -102,15 +99,25 @@ def contrast_tests(arms, contrasts, confidence=0.95):
     tests = []
     for arm, other in contrasts:
         entry = {"arm": arm, "other": other, "n": [arms[arm]["n"], arms[other]["n"]]}
-        if values[arm] and values[other]:
-            entry["welch"] = stats.compare(values[arm], values[other], confidence)
-            paired = _paired(values, seeds, arm, other, confidence)
-            if paired:
-                entry["paired"] = paired
-        tests.append(entry)
+        welch, paired = _welch_and_paired(values, seeds, arm, other, confidence)
+        tests.append(_set_present(entry, welch=welch, paired=paired))
     for key in ("welch", "paired"):
         _holm_adjust([entry[key] for entry in tests if key in entry])
     return tests
+
+
+def _welch_and_paired(values, seeds, arm, other, confidence):
+    """(Welch's test, paired t-test) of ``arm`` - ``other``; None for a test that cannot run
+    (an arm without a finished run; fewer than 2 seeds both finished)."""
+    if not (values.get(arm) and values.get(other)):
+        return None, None
+    return stats.compare(values[arm], values[other], confidence), _paired(values, seeds, arm, other, confidence)
+
+
+def _set_present(entry, **tests):
+    """``entry`` with the tests that ran (a missing test is left out, not stored as None)."""
+    entry.update({key: test for key, test in tests.items() if test is not None})
+    return entry
 
 
 def _paired(values, seeds, arm, other, confidence):
