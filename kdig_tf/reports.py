@@ -123,8 +123,8 @@ def _set_present(entry, **tests):
 def _paired(values, seeds, arm, other, confidence):
     """Paired t-test of ``arm`` - ``other`` over the seeds both finished; None below 2 pairs."""
     by_seed = [dict(zip(seeds[name], values[name])) for name in (arm, other)]
-    common = set(by_seed[0]) & set(by_seed[1])
-    if len(common) < 2 or None in common:
+    common = (set(by_seed[0]) & set(by_seed[1])) - {None}  # a run without a seed pairs with nothing
+    if len(common) < 2:
         return None
     common = sorted(common)
     result = stats.paired_ttest([by_seed[0][seed] for seed in common], [by_seed[1][seed] for seed in common],
@@ -401,7 +401,12 @@ def plot_arms(arms, path, ylabel, title):
             sd = entry.get("sd")
             axes.errorbar(x, entry["mean"], yerr=sd if sd is not None else None, fmt="_", color="k",
                           capsize=6, markersize=20, zorder=3)
-    seeds = sorted({seed for arm in names for seed in arms[arm].get("seeds", [])})
+    seeds = sorted({seed for arm in names for seed in arms[arm].get("seeds", []) if seed is not None})
+    unseeded = [(x, value) for x, arm in enumerate(names)
+                for seed, value in zip(arms[arm].get("seeds", []), arms[arm]["values"]) if seed is None]
+    if unseeded:
+        # A run without a seed pairs with nothing: drawn at the column centre, unlinked.
+        axes.scatter(*zip(*unseeded), s=16, color="0.5", marker="x", zorder=4, label="no seed")
     for index, seed in enumerate(seeds):
         # A fixed offset per seed rather than random jitter: the figure is reproducible and a
         # seed sits at the same place in every column.
@@ -417,7 +422,7 @@ def plot_arms(arms, path, ylabel, title):
         low, high = min(finished), max(finished)
         pad = max(0.5, 0.15 * (high - low))
         axes.set_ylim(low - pad, high + pad)  # an axis from zero would hide sub-point differences
-    if seeds:
+    if seeds or unseeded:
         axes.legend(fontsize=8, loc="best")
     axes.set_xticks(range(len(names)))
     axes.set_xticklabels([f"{arm}\n(n={arms[arm]['n']})" for arm in names])

@@ -101,8 +101,14 @@ def pooled_sd(a, b):
 
 
 def cohens_d(a, b):
-    """(mean(a) - mean(b)) / pooled sd."""
+    """(mean(a) - mean(b)) / pooled sd; NaN unless both groups have 2 or more values.
+
+    With a single value in one group the pooled sd would be the other group's spread alone,
+    and a d from it reads as more certain than it is.
+    """
     a, b = _as_values(a, "a"), _as_values(b, "b")
+    if a.size < 2 or b.size < 2:
+        return math.nan
     sd = pooled_sd(a, b)
     if math.isnan(sd) or sd == 0.0:
         return math.nan

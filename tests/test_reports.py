@@ -80,6 +80,18 @@ def test_ablation_plot_draws_each_seed_in_its_own_colour_linked_across_arms(tmp_
     assert sorted(list(line.get_ydata()) for line in links) == [[91.2, 90.9], [91.4, 90.8]]
 
 
+def test_ablation_plot_and_paired_test_skip_a_run_without_a_seed(tmp_path):
+    rows = finished_rows({"student": [91.8, 91.2, 90.5], "kd": [91.4, 91.0, 90.1]})
+    rows[2]["seed"] = rows[5]["seed"] = None  # e.g. a row written by hand
+    arms = reports.summarize_arms(rows)
+    assert arms["kd"]["vs_reference_paired"]["seeds"] == [0, 1]
+    figure = reports.plot_arms(arms, str(tmp_path / "ablation.png"), "val acc (%)", "ablation")
+    points = {collection.get_label(): collection.get_offsets() for collection in figure.axes[0].collections
+              if not collection.get_label().startswith("_")}  # error bars are "_nolegend_"
+    assert sorted(points) == ["no seed", "seed 0", "seed 1"]
+    assert [tuple(point) for point in points["no seed"]] == [(0.0, 90.5), (1.0, 90.1)]
+
+
 def test_contrasts_match_scipy_and_holm_adjusts_over_the_contrasts():
     values = {"student": [90.0, 91.0, 92.0], "kd": [91.0, 91.5, 93.2], "kd_ig": [91.4, 92.3, 93.5],
               "kd_online": [90.1, 91.6, 92.0]}

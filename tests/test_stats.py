@@ -84,6 +84,8 @@ def test_degenerate_inputs_give_nan_not_errors():
     assert math.isnan(stats.welch_ttest([1.0], [2.0, 3.0])["t"])
     assert math.isnan(stats.welch_ttest([1.0, 1.0], [2.0, 2.0])["p"])  # zero variance
     assert math.isnan(stats.mean_difference_ci([1.0], [2.0, 3.0])["low"])
+    # One run in an arm: no effect size (the pooled sd would come from the other arm alone).
+    assert math.isnan(stats.cohens_d([1.0], [2.0, 3.0])) and math.isnan(stats.hedges_g([2.0, 3.0], [1.0]))
     assert stats.finite_or_none({"a": [math.nan, 1.0], "b": math.inf}) == {"a": [None, 1.0], "b": None}
 
 
