@@ -5,7 +5,7 @@ tensorflow-model-optimization only accepts tf-keras models. This must happen
 before TensorFlow is first imported, so it is the first thing the package does.
 
 It also turns on TensorFlow's oneDNN CPU kernels, which the TensorFlow 2.21 wheels
-leave off: on a 2-core AVX2 CPU they run the 4.1x student's train step 2.0x faster,
+leave off on CPUs without AVX-512 VNNI/BF16: on a 2-core AVX2 CPU they run the 4.1x student's train step 2.0x faster,
 and they compute the same functions: their gradients are as close to a float64
 reference as the default (Eigen) kernels' are (benchmarks/onednn_agreement.py).
 ``TF_ENABLE_ONEDNN_OPTS=0`` keeps them off.
