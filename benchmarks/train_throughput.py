@@ -4,7 +4,7 @@
 
 For each batch size in ``--batch_sizes`` it times the ``Distiller`` train step of the 4.1x
 student (``--keep_blocks=14``) with the long-study recipe (SGD, Nesterov momentum 0.9,
-learning rate 0.1 x batch/128, decoupled weight decay 5e-4, KDLoss alpha 0.01, T 2.5 on the
+learning rate 0.1 x batch/128, decoupled weight decay 5e-4, the paper's loss with alpha 0.01, T 2.5 on the
 store's cached logits), in two ways:
 
 (a) ``in_memory``: one real batch of the pipeline, held in memory and repeated: the train
@@ -29,6 +29,12 @@ pipeline's element spec, so both sides run the same traced function. Warm-up ste
 pipeline's prefetch buffer fill, which favours (b) by at most a few batches over ``--steps``;
 and the timed steps cross an epoch boundary (a refill of the shuffle buffer) only when
 warm-up and timed steps together exceed an epoch's batches. Use more steps for final numbers, on an idle machine.
+
+With ``--precision=mixed_float16|mixed_bfloat16`` each repetition also times the in-memory train
+step of a student built under that Keras policy (logits and losses in float32, loss scaling for
+float16), and each arm reports ``precision.ratio_vs_float32`` = median(policy in-memory) /
+median(float32 in-memory) images/s. On a CPU this is measured, not promised: bfloat16 kernels
+may be no faster than float32.
 
 The store is reused from ``--store_dir`` if it has a manifest, else built there (or in a
 temporary directory) from ``--split`` with a random-weight teacher and ``--ig_steps=1``,
@@ -64,10 +70,13 @@ flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: TF 
 flags.DEFINE_string("recipe_note", "", "Free text recorded in the JSON (e.g. what this run is for).")
 flags.DEFINE_integer("seed", 0, "Seed of the weights, the store's teacher and the pipelines.")
 flags.DEFINE_string("output", "results/benchmarks/train_throughput.json", "JSON output path.")
+flags.DEFINE_string("precision", "float32", "float32, or a mixed policy (mixed_float16, mixed_bfloat16) whose "
+                    "in-memory train step is also timed and compared with float32's.")
 
 BASE_BATCH = 128
 ARMS = ("kd_ig", "student")
 SIDES = ("in_memory", "pipeline")
+PRECISION_SIDE = "in_memory_precision"  # the in-memory step of the student built under --precision
 
 
 def main(argv):
@@ -141,6 +150,8 @@ def _run():
     if FLAGS.target_ratio <= 0:
         raise InvalidArgumentError(f"--target_ratio must be > 0, got {FLAGS.target_ratio}")
     models.resolve_keep_blocks(FLAGS.keep_blocks)
+    from kdig_tf import distribute
+    distribute.check_precision(FLAGS.precision)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         store, build_seconds = _open_or_build_store(FLAGS.store_dir or os.path.join(tmp, "store"))
@@ -165,6 +176,7 @@ def _run():
                                                                  "p": FLAGS.p, "cached_logits": True},
                    "student": {"alpha": 0.0, "p": 0.0, "input": "pipeline.plain_training_dataset (tfds, no store)"}},
         "recipe_note": FLAGS.recipe_note,
+        "precision": FLAGS.precision,
         "store": store_info,
         "protocol": {"repeats": FLAGS.repeats, "steps": FLAGS.steps, "warmup_steps": FLAGS.warmup_steps,
                      "order_in_repetition": {"even": [f"{arm}/{side}" for arm, side in _order(0)],
@@ -187,6 +199,9 @@ def _run():
             f"{arm} in-memory {row[arm]['in_memory']['median_images_per_second']:.1f} img/s, pipeline "
             f"{row[arm]['pipeline']['median_images_per_second']:.1f} img/s, ratio {row[arm]['ratio']:.3f}"
             for arm in ARMS))
+        if FLAGS.precision != "float32":
+            print(f"batch {row['batch_size']}: {FLAGS.precision} in-memory img/s vs float32: " + "; ".join(
+                f"{arm} {row[arm]['precision']['ratio_vs_float32']:.3f}x" for arm in ARMS))
     if benchmark.machine_was_busy(competition.summary()):
         print(f"warning: {benchmark.competition_text(competition.summary())}: the img/s are not those of a quiet "
               "machine (ratios are less affected)", flush=True)
@@ -217,10 +232,15 @@ def _same_spec_repeated(batch, element_spec):
     return tf.data.Dataset.from_tensors(tuple(batch)).repeat().map(relax)
 
 
+def _sides():
+    """SIDES, plus the in-memory step under --precision when it is not float32."""
+    return SIDES + ((PRECISION_SIDE,) if FLAGS.precision != "float32" else ())
+
+
 def _order(rep):
-    """The measurements of repetition ``rep``: even ones in ARMS x SIDES order, odd ones reversed
+    """The measurements of repetition ``rep``: even ones in ARMS x sides order, odd ones reversed
     (A B C D, D C B A, ...), so a steady drift in machine load favours no side."""
-    order = [(arm, side) for arm in ARMS for side in SIDES]
+    order = [(arm, side) for arm in ARMS for side in _sides()]
     return order if rep % 2 == 0 else order[::-1]
 
 
@@ -262,7 +282,7 @@ def _measure_batch_size(store, batch_size):
 
     import tf_keras as keras
 
-    from kdig_tf import data, distiller, models, overlay, pipeline
+    from kdig_tf import data, distiller, distribute, models, overlay, pipeline
     from kdig_tf.errors import InvalidArgumentError
 
     learning_rate = FLAGS.base_learning_rate * batch_size / BASE_BATCH
@@ -286,26 +306,34 @@ def _measure_batch_size(store, batch_size):
     for arm in ARMS:
         first = next(iter(pipelines[arm]))  # a full batch: the store holds >= batch_size examples
         in_memory = _same_spec_repeated(first, pipelines[arm].element_spec)
-        keras.utils.set_random_seed(FLAGS.seed)
-        student = models.build_student(FLAGS.keep_blocks, num_classes=store.num_classes)
-        model = distiller.paper_distiller(None, student, alphas[arm], FLAGS.temperature)
-        model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True,
-                                                     weight_decay=FLAGS.weight_decay))
+        def traced_model(precision):
+            keras.utils.set_random_seed(FLAGS.seed)
+            with distribute.precision_policy(precision):
+                student = models.build_student(FLAGS.keep_blocks, num_classes=store.num_classes)
+                model = distiller.paper_distiller(None, student, alphas[arm], FLAGS.temperature)
+            model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True,
+                                                         weight_decay=FLAGS.weight_decay))
+            model.fit(in_memory, steps_per_epoch=1, epochs=1, verbose=0)  # traces the train function
+            return model
+
         start = time.perf_counter()
-        model.fit(in_memory, steps_per_epoch=1, epochs=1, verbose=0)  # traces the train function
+        model = traced_model("float32")
         setups[arm] = {"model": model, "in_memory": in_memory, "trace_seconds": time.perf_counter() - start,
                        "traces": _tracing_count(model)}
+        if FLAGS.precision != "float32":
+            setups[arm]["precision_model"] = traced_model(FLAGS.precision)
 
     def measure(arm, side):
-        dataset = setups[arm]["in_memory"] if side == "in_memory" else pipelines[arm]
+        dataset = pipelines[arm] if side == "pipeline" else setups[arm]["in_memory"]
+        model = setups[arm]["precision_model" if side == PRECISION_SIDE else "model"]
         timer = _step_timer(FLAGS.warmup_steps)
-        setups[arm]["model"].fit(dataset, steps_per_epoch=total_steps, epochs=1, verbose=0, callbacks=[timer])
-        images = FLAGS.steps * batch_size if side == "in_memory" else \
+        model.fit(dataset, steps_per_epoch=total_steps, epochs=1, verbose=0, callbacks=[timer])
+        images = FLAGS.steps * batch_size if side != "pipeline" else \
             batch_sizes_in(FLAGS.warmup_steps, FLAGS.steps, num_examples[arm], batch_size)
         return images / (timer.last - timer.timed_start), timer.fit_seconds
 
-    rates = {arm: {side: [] for side in SIDES} for arm in ARMS}
-    fit_seconds = {arm: {side: [] for side in SIDES} for arm in ARMS}
+    rates = {arm: {side: [] for side in _sides()} for arm in ARMS}
+    fit_seconds = {arm: {side: [] for side in _sides()} for arm in ARMS}
     for rep in range(FLAGS.repeats):
         for arm, side in _order(rep):
             rate, seconds = measure(arm, side)
@@ -333,6 +361,12 @@ def _measure_batch_size(store, batch_size):
             "retraces_during_measurements": None if setups[arm]["traces"] is None
             else _tracing_count(setups[arm]["model"]) - setups[arm]["traces"],
         }
+        if FLAGS.precision != "float32":
+            policy = statistics.median(rates[arm][PRECISION_SIDE])
+            row[arm]["precision"] = {"policy": FLAGS.precision,
+                                     "in_memory_images_per_second": rates[arm][PRECISION_SIDE],
+                                     "median_images_per_second": policy,
+                                     "ratio_vs_float32": policy / medians["in_memory"]}
     return row
 
 

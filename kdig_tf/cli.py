@@ -1,5 +1,9 @@
 """Glue for scripts and campaign runners: flags <-> DistillConfig, and KdigError -> exit code 2.
 
+Scripts start with ``cli.main(main)`` instead of ``absl.app.run(main)``, so a command line
+absl cannot parse (an unknown flag, a bad value, a missing flagfile) is reported like every
+other bad input: ``error: FlagError: <message>`` and exit code 2, not absl's usage dump.
+
 Flags are only defined on the ``FlagValues`` a caller passes in (scripts pass absl's global
 ``FLAGS``; a campaign makes a fresh one per run), so importing the package defines no flag.
 A campaign parses each run's flagfile and overrides with absl itself (``distill_config``),
@@ -8,9 +12,9 @@ exactly as ``scripts/distill.py`` would.
 import dataclasses
 import sys
 
-from absl import flags
+from absl import app, flags
 
-from kdig_tf.errors import InvalidArgumentError, KdigError
+from kdig_tf.errors import FlagError, InvalidArgumentError, KdigError
 
 EXIT_BAD_INPUT = 2
 
@@ -23,6 +27,20 @@ def run(function, *args, **kwargs):
         message = str(err).splitlines()[0] if str(err) else ""
         print(f"error: {type(err).__name__}: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def parse_flags(argv):
+    """absl's ``flags_parser`` for :func:`main`: parse ``argv`` into ``FLAGS`` or raise FlagError."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = str(err).strip().removeprefix("ERROR:: ")  # absl's prefix for an unreadable flagfile
+        raise FlagError(message or type(err).__name__) from err
+
+
+def main(main_fn, argv=None):
+    """``absl.app.run(main_fn)``, with flag-parsing failures and KdigErrors as one line and exit 2."""
+    run(app.run, main_fn, argv=argv, flags_parser=parse_flags)
 
 
 WORKDIR_DEFAULT = "runs/distill"

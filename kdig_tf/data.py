@@ -7,19 +7,46 @@ Every example is ``(image uint8 [H,W,C], label int64, example_id string)``. Two 
   unshuffled read order. ``info`` is tfds' ``DatasetInfo``.
 * ``folder:PATH``: one subfolder per class (class names are the sorted folder names, the
   label is the index in that list) holding png/jpg/jpeg/bmp/gif files. The id is the
-  file's path relative to PATH (``cat/0001.png``) and the order is the sorted ids. If every
-  subfolder of PATH holds only class folders (``train/cat/...``, ``test/cat/...``), those
-  subfolders are the splits and must hold the same classes; otherwise the single split is
-  ``train``. Splits slice as in tfds (``train[:80%]``, ``train[45000:]``). Images are always
-  decoded to 3 channels (grayscale is repeated, alpha dropped) and must share one size
-  unless ``image_size`` is given. ``info`` is a :class:`FolderInfo`.
+  file's path relative to PATH (``cat/0001.png``). If every subfolder of PATH holds only
+  class folders (``train/cat/...``, ``test/cat/...``), those subfolders are the splits and
+  must hold the same classes; otherwise the single split is ``train``. Splits slice as in
+  tfds (``train[:80%]``, ``train[45000:]``). Images are always decoded to 3 channels
+  (grayscale is repeated, alpha dropped) and must share one size unless ``image_size`` is
+  given. ``info`` is a :class:`FolderInfo`.
+
+The order of a folder split, which is what a slice cuts, is fixed before slicing and does
+not depend on any seed, on the machine or on the order files were written: tfds shuffles a
+dataset once when it prepares it, and a folder gets the same treatment from a stable hash.
+Each class's files are ordered by the sha256 of their id, and the classes are then
+interleaved in proportion (:func:`folder_order`): a file at rank r of a class of n files sits
+at (r + 1/2) / n of the split. So every contiguous slice, ``train[:90%]`` as well as
+``train[90%:]``, holds each class in proportion, to within one file per class. Sorted ids,
+read class after class, would make ``train[90%:]`` exactly the last class and the student
+would never see it. This stratified order is the default because a percent slice of a
+folder is nearly always a train/validation cut, which must keep every class on both sides;
+``stratify=False`` keeps the plain hash order (classes in random proportions, as in tfds);
+it is a :func:`load` argument only, not a distillation flag, because a run's IG store reads
+its split through :func:`load` as well, and both must cut the same images. A tfds dataset
+keeps tfds' own order: nothing here touches it.
+
+:func:`check_split_classes` refuses a validation split holding a class that the training
+split lacks, or holds only a handful of (``SplitClassMismatchError``); :func:`split_labels`
+reads a split's labels without decoding its images, so the check is cheap.
 
 All cached values in kdig_tf are keyed by the id, never by position. ``num_classes``,
 ``class_names`` and ``image_shape`` read either kind of ``info``.
+
+Training augmentation is one of :data:`AUGMENTATIONS` (:func:`augment_batch`): a random crop
+of the image zero-padded by :func:`augment_pad` (an eighth of its size: 4 pixels at 32 px,
+as in the CIFAR recipe) and/or a horizontal flip, or nothing.
 """
 import kdig_tf  # noqa: F401
 
+import collections
 import dataclasses
+import fractions
+import hashlib
+import math
 import os
 import re
 import types
@@ -28,8 +55,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kdig_tf.errors import (InvalidArgumentError, ShapeMismatchError, UnknownDatasetError, UnknownSplitError,
-                            UnreadableImageError)
+from kdig_tf.errors import (InvalidArgumentError, ShapeMismatchError, SplitClassMismatchError, UnknownDatasetError,
+                            UnknownKeyError, UnknownSplitError, UnreadableImageError)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -37,6 +64,11 @@ DEFAULT_DATASET = "cifar10"
 AUTOTUNE = tf.data.AUTOTUNE
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+# A class with fewer training examples than this, where the other classes have many more, is
+# as good as missing: the student cannot learn it, and its validation images only add noise.
+MIN_TRAIN_EXAMPLES_PER_CLASS = 5
+# Training augmentations: crop (zero-padded random crop) and/or horizontal flip.
+AUGMENTATIONS = ("crop_flip", "crop", "flip", "none")
 
 
 def default_data_dir(data_dir=None):
@@ -58,13 +90,15 @@ def _translate_tfds_error(err, name, split, data_dir):
 
 
 def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shuffle_files=False,
-         image_size=None):
+         image_size=None, stratify=True):
     """Return (dataset of (image, label, example_id), info).
 
     ``name`` is a tfds name or ``folder:PATH`` (see the module docstring). ``image_size``
     (an int or ``(height, width)``) resizes every image (bilinear with antialiasing, rounded
     back to uint8); without it images are returned exactly as stored. Order is deterministic
-    (files are not shuffled unless ``shuffle_files``, which folders ignore).
+    (files are not shuffled unless ``shuffle_files``, which folders ignore). A folder split
+    is cut from its fixed hash order, classes interleaved in proportion unless ``stratify``
+    is False (:func:`folder_order`); tfds datasets ignore ``stratify``.
 
     ``download`` only matters for tfds names and is False by default: a dataset already
     prepared in ``data_dir`` is always read without touching the network (an offline
@@ -73,7 +107,7 @@ def load(name=DEFAULT_DATASET, split="train", data_dir=None, download=False, shu
     """
     size = _image_size(image_size)
     if is_folder_dataset(name):
-        return _load_folder(name, split, size)
+        return _load_folder(name, split, size, stratify)
     if download:
         _prepare_tfds(name, data_dir)
     try:
@@ -200,8 +234,8 @@ def _folder_splits(root):
     return {"train": ""}, top
 
 
-def _split_files(root, split_folder, classes):
-    """Sorted [(id, label)] of one split; an empty class folder is an error."""
+def _split_files(root, split_folder, classes, stratify=True):
+    """[(id, label)] of one split in its fixed order (:func:`folder_order`); an empty class folder is an error."""
     files = []
     for label, class_name in enumerate(classes):
         rel_folder = f"{split_folder}/{class_name}" if split_folder else class_name
@@ -211,11 +245,37 @@ def _split_files(root, split_folder, classes):
                 f"class folder {os.path.join(root, rel_folder)} holds no "
                 f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)} images")
         files.extend((f"{rel_folder}/{file}", label) for file in names)
-    return sorted(files)
+    return folder_order(files, stratify)
+
+
+def example_hash(example_id):
+    """The sha256 (hex) of an example id: a folder's order key, the same on every machine."""
+    return hashlib.sha256(str(example_id).encode("utf-8")).hexdigest()
+
+
+def folder_order(files, stratify=True):
+    """The fixed order of one folder split's ``[(id, label)]``, which its slices cut.
+
+    Files are ordered by :func:`example_hash` of their id (as tfds shuffles once at
+    preparation, but with no seed). With ``stratify`` the classes are then interleaved: the
+    file at rank r (in hash order) of a class of n files is placed at (r + 1/2) / n, exact
+    fractions, ties to the lower label. Any contiguous run of the result then holds each class
+    in proportion to within about one file, so a 90/10 cut keeps every class of about 10 or
+    more files on both sides.
+    """
+    hashed = sorted(files, key=lambda item: (example_hash(item[0]), item[0]))
+    if not stratify:
+        return hashed
+    members = collections.defaultdict(list)
+    for item in hashed:
+        members[item[1]].append(item)
+    placed = sorted((fractions.Fraction(2 * rank + 1, 2 * len(group)), label, rank)
+                    for label, group in members.items() for rank in range(len(group)))
+    return [members[label][rank] for _, label, rank in placed]
 
 
 def _select(split, files_per_split, name):
-    """tfds split syntax (``train[:80%]``, ``train[100:200]``, ``train+test``) on sorted files."""
+    """tfds split syntax (``train[:80%]``, ``train[100:200]``, ``train+test``) on ordered files."""
     lengths = {s: types.SimpleNamespace(num_examples=len(f), shard_lengths=[len(f)])
                for s, f in files_per_split.items()}
     try:
@@ -231,14 +291,19 @@ def _select(split, files_per_split, name):
     return selected
 
 
-def _load_folder(name, split, size):
+def _folder_selection(name, split, stratify=True):
+    """(root, class names, {split: ordered files}, selected [(id, label)]) of a folder split, nothing decoded."""
     path = os.path.expanduser(name[len(FOLDER_PREFIX):])
     if not path:
         raise UnknownDatasetError(f"{name!r}: expected folder:PATH")
     root = os.path.abspath(path)
     split_folders, classes = _folder_splits(root)
-    files_per_split = {s: _split_files(root, folder, classes) for s, folder in split_folders.items()}
-    selected = _select(str(split), files_per_split, name)
+    files_per_split = {s: _split_files(root, folder, classes, stratify) for s, folder in split_folders.items()}
+    return root, classes, files_per_split, _select(str(split), files_per_split, name)
+
+
+def _load_folder(name, split, size, stratify=True):
+    root, classes, files_per_split, selected = _folder_selection(name, split, stratify)
     ids = [example_id for example_id, _ in selected]
     paths = [os.path.join(root, *example_id.split("/")) for example_id in ids]
     sizes = _checked_sizes(paths)
@@ -337,6 +402,73 @@ def count_examples(ds):
     return int(ds.reduce(0, lambda count, *_: count + 1))
 
 
+def split_labels(name, split="train", data_dir=None, download=False, stratify=True):
+    """The labels (int64 array) of a split, in :func:`load`'s order, without decoding an image.
+
+    A folder's come from its file listing; a tfds dataset's from its records with the image
+    left undecoded (the records, and so the order, are those :func:`load` reads).
+    """
+    if is_folder_dataset(name):
+        selected = _folder_selection(name, split, stratify)[3]
+        return np.array([label for _, label in selected], np.int64)
+    if download:
+        _prepare_tfds(name, data_dir)
+    try:
+        try:
+            features = tfds.builder(name, data_dir=default_data_dir(data_dir)).info.features
+        except tfds.core.registered.DatasetNotFoundError as err:
+            raise UnknownDatasetError(f"unknown tfds dataset {name!r}") from err
+        ds = tfds.load(name, split=split, data_dir=default_data_dir(data_dir), download=False,
+                       decoders={_image_key(types.SimpleNamespace(features=features, name=name)):
+                                 tfds.decode.SkipDecoding()})
+    except (AssertionError, ValueError, KeyError) as err:
+        named = _translate_tfds_error(err, name, split, data_dir)
+        if named is None:
+            raise
+        raise named from err
+    batches = ds.map(lambda example: example["label"], num_parallel_calls=AUTOTUNE).batch(8192)
+    return np.concatenate([np.zeros(0, np.int64), *(batch.astype(np.int64) for batch in batches.as_numpy_iterator())])
+
+
+def folder_split_ids(name, split="train", stratify=True):
+    """The example ids of a folder split, in :func:`load`'s order, without decoding an image."""
+    if not is_folder_dataset(name):
+        raise InvalidArgumentError(f"{name!r} is not a folder:PATH dataset")
+    return [example_id for example_id, _ in _folder_selection(name, split, stratify)[3]]
+
+
+def check_split_classes(train_labels, val_labels, class_names=None, train_split="train", val_split="validation"):
+    """Raise SplitClassMismatchError if the validation split holds a class the training split
+    lacks, or holds fewer than MIN_TRAIN_EXAMPLES_PER_CLASS examples of while its median class
+    has at least four times that many (a nearly held-out class; a tiny dataset where every
+    class is small is left alone). Returns the training examples per class.
+    """
+    train_counts = collections.Counter(int(label) for label in np.asarray(train_labels).reshape(-1))
+    val_counts = collections.Counter(int(label) for label in np.asarray(val_labels).reshape(-1))
+    median = float(np.median(list(train_counts.values()))) if train_counts else 0.0
+
+    def name(label):
+        return class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
+
+    missing = sorted(label for label in val_counts if train_counts[label] == 0)
+    scarce = sorted(label for label in val_counts if 0 < train_counts[label] < MIN_TRAIN_EXAMPLES_PER_CLASS
+                    and median >= 4 * MIN_TRAIN_EXAMPLES_PER_CLASS)
+    problems = []
+    if missing:
+        problems.append(f"classes {[name(label) for label in missing]} are not in training split {train_split!r} "
+                        f"at all (validation holds {[val_counts[label] for label in missing]} images of them)")
+    if scarce:
+        problems.append(f"classes {[name(label) for label in scarce]} have only "
+                        f"{[train_counts[label] for label in scarce]} training images (the median class has "
+                        f"{median:g})")
+    if problems:
+        raise SplitClassMismatchError(
+            f"validation split {val_split!r} has classes the student cannot learn: {'; '.join(problems)}. Give "
+            "splits that hold every class (folder splits are stratified by default; a class folder needs "
+            f"{MIN_TRAIN_EXAMPLES_PER_CLASS}+ training images)")
+    return {label: train_counts[label] for label in sorted(train_counts)}
+
+
 def _image_key(info):
     for key in ("image", "img"):
         if key in info.features:
@@ -389,24 +521,62 @@ def preprocess_student(image):
     return to_unit_range(image)
 
 
-def crop_flip_batch(images, seed, pad=4):
+def crop_flip_batch(images, seed, pad=4, crop=True, flip=True):
     """Per-example random crop (zero padding ``pad``) and horizontal flip, vectorised.
 
     One gather along rows and one along columns crop every example at its own offset.
-    Any extra channels (e.g. a stacked map) move with the image.
+    Any extra channels (e.g. a stacked map) move with the image. ``pad`` is an int or
+    (rows, columns). ``crop``/``flip`` switch either part off; the random draws do not
+    change, so a crop-only batch has exactly the crops of the crop-and-flip one.
     """
+    pad_rows, pad_columns = (pad, pad) if isinstance(pad, (int, np.integer)) else (int(pad[0]), int(pad[1]))
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
     seeds = tf.random.experimental.stateless_split(seed, 3)
-    top = tf.random.stateless_uniform([batch], seeds[0], maxval=2 * pad + 1, dtype=tf.int32)
-    left = tf.random.stateless_uniform([batch], seeds[1], maxval=2 * pad + 1, dtype=tf.int32)
-    flip = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
-    rows = top[:, None] + tf.range(height)[None, :]
-    columns = left[:, None] + tf.range(width)[None, :]
-    columns = tf.where(flip[:, None], tf.reverse(columns, axis=[1]), columns)
-    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    rows = tf.tile(tf.range(height)[None, :], [batch, 1])
+    columns = tf.tile(tf.range(width)[None, :], [batch, 1])
+    if crop:
+        images = tf.pad(images, [[0, 0], [pad_rows, pad_rows], [pad_columns, pad_columns], [0, 0]])
+        top = tf.random.stateless_uniform([batch], seeds[0], maxval=2 * pad_rows + 1, dtype=tf.int32)
+        left = tf.random.stateless_uniform([batch], seeds[1], maxval=2 * pad_columns + 1, dtype=tf.int32)
+        rows = top[:, None] + rows
+        columns = left[:, None] + columns
+    if flip:
+        flipped = tf.random.stateless_uniform([batch], seeds[2]) < 0.5
+        columns = tf.where(flipped[:, None], tf.reverse(columns, axis=[1]), columns)
+    cropped = tf.gather(images, rows, axis=1, batch_dims=1)
     return tf.gather(cropped, columns, axis=2, batch_dims=1)
+
+
+def augment_pad(height, width):
+    """The crop's zero padding for an image size: an eighth of each side, rounded half up, at least 1.
+
+    4 pixels at CIFAR's 32 x 32, as in its standard ``RandomCrop(32, padding=4)``; 8 at 64 px.
+    """
+    return tuple(max(1, int(math.floor(side / 8 + 0.5))) for side in (height, width))
+
+
+def check_augmentation(mode):
+    if mode not in AUGMENTATIONS:
+        raise UnknownKeyError(f"unknown augmentation {mode!r}; known: {AUGMENTATIONS}")
+    return mode
+
+
+def augment_batch(images, seed, mode="crop_flip", pad=None):
+    """Augment a batch [B,H,W,C] with one of :data:`AUGMENTATIONS` and a stateless ``seed`` [2].
+
+    ``none`` returns ``images`` itself. The crop is padded by ``pad``, by default
+    :func:`augment_pad` of the batch's static size.
+    """
+    check_augmentation(mode)
+    if mode == "none":
+        return images
+    if pad is None:
+        height, width = images.shape[1], images.shape[2]
+        if height is None or width is None:
+            raise ShapeMismatchError(f"augmentation needs images of a known size (or a pad), got {images.shape}")
+        pad = augment_pad(height, width)
+    return crop_flip_batch(images, seed, pad, crop=mode in ("crop_flip", "crop"), flip=mode in ("crop_flip", "flip"))
 
 
 def random_crop_flip(image, pad=4, seed=None):

@@ -1,43 +1,74 @@
-"""Knowledge distillation as a ``keras.Model``, in the vocabulary of ``keras.distillation``.
+"""Knowledge distillation as a ``keras.Model`` that follows Keras 3's ``keras.distillation.Distiller``.
 
-    Distiller(teacher, student, distillation_losses=[LogitsDistillation(T), AttentionTransfer(...)],
-              distillation_loss_weights=[alpha, gamma], student_loss_weight=1 - alpha)
+    distiller = Distiller(teacher, student, distillation_losses=[LogitsDistillation(T), AttentionTransfer(...)],
+                          distillation_loss_weights=[w_kd, w_at], student_loss_weight=slw)
+    distiller.compile(optimizer, loss=None, metrics=[LabelAccuracy()])   # loss: the student loss
+    distiller.fit(dataset)
 
-per example  L = student_loss_weight * CE(y, z_s) + sum_i w_i * D_i,  averaged over the batch.
-The paper's objective, alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE (+ gamma * AT),
-is :func:`paper_distiller`; ``alpha`` weights the **KD term** (0.01 in the paper), which peer
-libraries do not agree on, so the weights are always explicit here.
+per example  L = slw * L_student(y, z_s) + (1 - slw) * sum_i w_i * D_i,  averaged over the (global) batch,
+as in Keras. The student loss comes from ``compile(loss=...)`` (default: cross-entropy from logits, sparse
+for class ids and categorical for the soft labels of a mix), the metrics from ``compile(metrics=...)``.
+The Distiller overrides ``compute_loss`` only: the stock ``train_step``/``test_step`` reduce the gradients
+under a ``tf.distribute`` strategy and scale the loss under ``mixed_float16``. This module holds the one
+definition of the objective (:meth:`Distiller.compute_loss`); :func:`paper_distiller` is the paper's
+(1 - alpha) * CE + alpha * T^2 * KL (+ gamma * AT), with an optional free KD weight and KD loss.
 
-Both models take pixels (``kdig_tf.models``: pixel models, or bare kdig_tf networks, which
-are wrapped). Training data are ``[0, 1]`` images, as kdig_tf's input pipelines yield them:
-elements ``(images, labels)`` or ``({"images", "teacher_logits", "example_id"}, labels)``.
-Each model's network runs on the images mapped by its own ``InputSpec``, the same float
-operations as before models carried their preprocessing. Cached teacher logits (from the
-IG/logit store, keyed by example id) are used when the batch has them; otherwise the frozen
-teacher runs on the batch the student sees.
+Differences from Keras, each for a reason:
+
+- ``call`` takes ``[0, 1]`` images (or the training dict below) and runs the network behind the student's
+  preprocessing layers: both models are *pixel models* (``kdig_tf.models``; bare kdig_tf networks are
+  wrapped), and each network sees its own input space with the float operations of kdig_tf's pipelines.
+  ``distiller.student``/``distiller.teacher`` are the models passed in, as in Keras.
+- Batches are ``(images, labels)`` or ``({"images", "teacher_logits", "example_id"}, labels)``: cached
+  teacher logits (from the IG/logit store) are used when the batch has them; otherwise the frozen
+  teacher runs on exactly the batch the student sees.
+- ``student_loss_scale`` (default 1) multiplies the student loss, so that an objective whose CE weight is 1
+  next to distillation terms (the paper's ``at``: CE + gamma * AT), which Keras's convex weights cannot
+  express, stays exact.
+- Metrics ``loss`` (the total), ``ce_loss`` (the student loss) and one per distillation loss (``kd_loss``,
+  ``at_loss``) are tracked per example, so an epoch's value is its mean over examples.
+- With feature losses the student runs once per step, through one feature extractor that returns its
+  logits and every feature map the losses read (Keras runs it a second time).
 """
 import kdig_tf  # noqa: F401
 
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf import loading, models
-from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError
+from kdig_tf import distribute, loading, models
+from kdig_tf.errors import InvalidArgumentError, ShapeMismatchError, UnknownKeyError
 
 IMAGES = "images"
 TEACHER_LOGITS = "teacher_logits"
 EXAMPLE_ID = "example_id"
+LOGITS = "logits"
+# Masks non-target classes out of a softmax without infinities (as the DKD authors do).
+_MASK_OFFSET = 1000.0
+# Attributes of the logits ``call`` returns: the student's feature maps of the same forward pass and
+# whether it ran in training mode (Keras carries masks on tensors the same way).
+_FEATURES_ATTR = "_kdig_student_features"
+_TRAINING_ATTR = "_kdig_training"
 
 
 class DistillationLoss:
-    """A per-example distillation term between teacher and student outputs."""
+    """A per-example distillation term between teacher and student outputs (Keras's ``DistillationLoss``).
+
+    ``kind`` is ``"logits"`` (compares the models' logits) or ``"features"`` (outputs of the layers
+    ``teacher_layer``/``student_layer``). ``uses_labels``: :meth:`per_example` needs the labels.
+    """
 
     name = "distillation_loss"
-    # "logits": compares the models' outputs; "features": outputs of named layers.
     kind = "logits"
+    uses_labels = False
+    teacher_layer = None
+    student_layer = None
 
-    def per_example(self, teacher_outputs, student_outputs):
+    def per_example(self, teacher_outputs, student_outputs, labels=None):
         raise NotImplementedError
+
+    def compute_loss(self, teacher_outputs, student_outputs, labels=None):
+        """The batch mean of :meth:`per_example` (Keras's scalar form)."""
+        return tf.reduce_mean(self.per_example(teacher_outputs, student_outputs, labels))
 
     def get_config(self):
         return {}
@@ -47,26 +78,126 @@ class DistillationLoss:
         return cls(**config)
 
 
+def _check_temperature(temperature):
+    if not float(temperature) > 0.0:
+        raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
+
+
+def softened_kl(teacher_logits, student_logits, temperature):
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per example."""
+    t = temperature
+    teacher_log_probs = tf.nn.log_softmax(teacher_logits / t, axis=-1)
+    student_log_probs = tf.nn.log_softmax(student_logits / t, axis=-1)
+    kl = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
+    return t * t * kl
+
+
 @keras.utils.register_keras_serializable(package="kdig_tf")
 class LogitsDistillation(DistillationLoss):
-    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per example."""
+    """T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) per example (Hinton et al.)."""
 
     name = "kd_loss"
 
     def __init__(self, temperature=2.5):
-        if not float(temperature) > 0.0:
-            raise InvalidArgumentError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = _check_temperature(temperature)
 
-    def per_example(self, teacher_logits, student_logits):
-        t = self.temperature
-        teacher_log_probs = tf.nn.log_softmax(teacher_logits / t, axis=-1)
-        student_log_probs = tf.nn.log_softmax(student_logits / t, axis=-1)
-        kl = tf.reduce_sum(tf.exp(teacher_log_probs) * (teacher_log_probs - student_log_probs), axis=-1)
-        return t * t * kl
+    def per_example(self, teacher_logits, student_logits, labels=None):
+        return softened_kl(teacher_logits, student_logits, self.temperature)
 
     def get_config(self):
         return {"temperature": self.temperature}
+
+
+def standardize_logits(logits, epsilon=1e-7):
+    """Z-scored logits per example: (z - mean(z)) / (std(z) + epsilon), std over classes (population)."""
+    mean, variance = tf.nn.moments(logits, axes=[-1], keepdims=True)
+    return (logits - mean) / (tf.sqrt(variance) + epsilon)
+
+
+@keras.utils.register_keras_serializable(package="kdig_tf")
+class StandardizedLogitsDistillation(DistillationLoss):
+    """Logit-standardised KD (Sun et al., CVPR 2024): :func:`softened_kl` of the z-scored logits at base
+    temperature T. The standard deviation is the population one, as in the paper (the authors' code
+    divides by n - 1, which equals a base temperature sqrt(n / (n - 1)) times larger)."""
+
+    name = "kd_loss"
+
+    def __init__(self, temperature=2.0):
+        self.temperature = _check_temperature(temperature)
+
+    def per_example(self, teacher_logits, student_logits, labels=None):
+        return softened_kl(standardize_logits(teacher_logits), standardize_logits(student_logits), self.temperature)
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+
+def target_classes(labels, num_classes):
+    """Class ids from labels that are ids [B] or distributions [B, C] (a mix: the dominant class)."""
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank == 2 and labels.shape[-1] == num_classes:
+        return tf.argmax(labels, axis=-1)
+    return tf.cast(tf.reshape(labels, [-1]), tf.int64)
+
+
+@keras.utils.register_keras_serializable(package="kdig_tf")
+class DecoupledDistillation(DistillationLoss):
+    """Decoupled KD (Zhao et al., CVPR 2022): T^2 * (alpha * TCKD + beta * NCKD) per example.
+
+    TCKD is the KL between the binary (target, rest) probabilities of teacher and student at
+    temperature T; NCKD the KL between their distributions over the non-target classes. With mixed
+    (soft) labels the target is the dominant class. The authors' warm-up of the loss is not included.
+    """
+
+    name = "kd_loss"
+    uses_labels = True
+
+    def __init__(self, alpha=1.0, beta=8.0, temperature=4.0):
+        if not (float(alpha) >= 0.0 and float(beta) >= 0.0):
+            raise InvalidArgumentError(f"DKD weights must be >= 0, got alpha={alpha} and beta={beta}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.temperature = _check_temperature(temperature)
+
+    def per_example(self, teacher_logits, student_logits, labels=None):
+        if labels is None:
+            raise InvalidArgumentError("decoupled KD needs the labels (the target class)")
+        t = self.temperature
+        num_classes = student_logits.shape[-1]
+        target = tf.one_hot(target_classes(labels, num_classes), num_classes, dtype=student_logits.dtype)
+
+        def binary_log_probs(logits):
+            log_probs = tf.nn.log_softmax(logits / t, axis=-1)
+            log_target = tf.reduce_sum(log_probs * target, axis=-1)
+            log_rest = tf.reduce_logsumexp(log_probs - _MASK_OFFSET * target, axis=-1)
+            return tf.stack([log_target, log_rest], axis=-1)
+
+        def kl(teacher_log_probs, student_log_probs):
+            # multiply_no_nan: a class the teacher gives probability 0 adds 0, not 0 * inf.
+            return tf.reduce_sum(tf.math.multiply_no_nan(teacher_log_probs - student_log_probs,
+                                                         tf.exp(teacher_log_probs)), axis=-1)
+
+        tckd = kl(binary_log_probs(teacher_logits), binary_log_probs(student_logits))
+        nckd = kl(tf.nn.log_softmax(teacher_logits / t - _MASK_OFFSET * target, axis=-1),
+                  tf.nn.log_softmax(student_logits / t - _MASK_OFFSET * target, axis=-1))
+        return t * t * (self.alpha * tckd + self.beta * nckd)
+
+    def get_config(self):
+        return {"alpha": self.alpha, "beta": self.beta, "temperature": self.temperature}
+
+
+# --kd_loss name -> class of the KD term.
+KD_LOSSES = {"kl": LogitsDistillation, "kl_standardized": StandardizedLogitsDistillation,
+             "dkd": DecoupledDistillation}
+
+
+def kd_loss_from_name(name, temperature, dkd_alpha=1.0, dkd_beta=8.0):
+    """The KD term ``name`` (a key of KD_LOSSES) at ``temperature``; UnknownKeyError for another name."""
+    if name not in KD_LOSSES:
+        raise UnknownKeyError(f"unknown kd_loss {name!r}; known: {sorted(KD_LOSSES)}")
+    if name == "dkd":
+        return DecoupledDistillation(dkd_alpha, dkd_beta, temperature)
+    return KD_LOSSES[name](temperature)
 
 
 def attention_map(features):
@@ -92,7 +223,7 @@ class AttentionTransfer(DistillationLoss):
         self.teacher_layer = teacher_layer
         self.student_layer = student_layer
 
-    def per_example(self, teacher_features, student_features):
+    def per_example(self, teacher_features, student_features, labels=None):
         if teacher_features.shape[1:3] != student_features.shape[1:3]:
             raise ShapeMismatchError(
                 f"attention transfer needs equal spatial sizes: teacher {teacher_features.shape[1:3]} "
@@ -104,34 +235,36 @@ class AttentionTransfer(DistillationLoss):
         return {"teacher_layer": self.teacher_layer, "student_layer": self.student_layer}
 
 
+def is_label_distribution(labels, logits):
+    """True for labels [B, C] that are distributions over the C classes (a mix), False for class ids
+    ([B], or [B, 1] as Keras's compiled metrics reshape them)."""
+    classes = logits.shape[-1]
+    return labels.shape.rank == logits.shape.rank and labels.shape[-1] == classes and classes != 1
+
+
+def label_accuracy(labels, logits):
+    """Per-example accuracy for class-id labels or label distributions [B, C] (their dominant class)."""
+    if is_label_distribution(labels, logits):
+        return keras.metrics.categorical_accuracy(labels, logits)
+    return keras.metrics.sparse_categorical_accuracy(labels, logits)
+
+
 @keras.utils.register_keras_serializable(package="kdig_tf")
-class KDLoss:
-    """The paper's objective on logits: alpha * LogitsDistillation(T) + (1 - alpha) * CE, batch mean."""
+class LabelAccuracy(keras.metrics.MeanMetricWrapper):
+    """``accuracy`` for both kinds of labels a Distiller sees: class ids (validation) and mixed labels."""
 
-    def __init__(self, alpha=0.01, temperature=2.5):
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
-        self.alpha = float(alpha)
-        self.logits_distillation = LogitsDistillation(temperature)
-        self.temperature = self.logits_distillation.temperature
-
-    def terms(self, labels, student_logits, teacher_logits=None):
-        """Per-example (kd, ce) terms; kd is zero when there are no teacher logits."""
-        ce = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
-        if teacher_logits is None:
-            return tf.zeros_like(ce), ce
-        return self.logits_distillation.per_example(teacher_logits, student_logits), ce
-
-    def __call__(self, labels, student_logits, teacher_logits=None):
-        kd, ce = self.terms(labels, student_logits, teacher_logits)
-        return tf.reduce_mean(self.alpha * kd + (1.0 - self.alpha) * ce)
+    def __init__(self, name="accuracy", dtype=None):
+        super().__init__(label_accuracy, name, dtype=dtype)
 
     def get_config(self):
-        return {"alpha": self.alpha, "temperature": self.temperature}
+        return {"name": self.name, "dtype": self.dtype}
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+
+def default_student_loss(labels, logits):
+    """Cross-entropy from logits per example: sparse for class ids, categorical for label distributions."""
+    if is_label_distribution(labels, logits):
+        return keras.losses.categorical_crossentropy(labels, logits, from_logits=True)
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 def spatial_layers(model, size):
@@ -163,13 +296,17 @@ class MissingFeatureLayerError(ShapeMismatchError):
     """No teacher and student layers with the same spatial size for attention transfer."""
 
 
-def _with_features(core, layer_name):
-    """A model returning (logits, features at ``layer_name``)."""
-    try:
-        layer = core.get_layer(layer_name)
-    except ValueError as err:
-        raise InvalidArgumentError(f"{core.name} has no layer {layer_name!r}") from err
-    return keras.Model(core.inputs, [core.outputs[0], layer.output], name=f"{core.name}_with_features")
+def feature_extractor(network, layer_names):
+    """``network`` itself without layers to read, else a model returning {"logits", <layer>: features}."""
+    if not layer_names:
+        return network
+    outputs = {LOGITS: network.outputs[0]}
+    for name in layer_names:
+        try:
+            outputs[name] = network.get_layer(name).output
+        except ValueError as err:
+            raise InvalidArgumentError(f"{network.name} has no layer {name!r}") from err
+    return keras.Model(network.inputs, outputs, name=f"{network.name}_features")
 
 
 def _as_list(value):
@@ -178,180 +315,282 @@ def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _unique(names):
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def global_batch_mean(per_example):
+    """This replica's share of the mean over the global batch (every replica's examples).
+
+    Summing the replicas' gradients, as the optimizer does under a strategy, then gives the
+    gradient of the global mean, also when a last partial batch splits unevenly.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tf.reduce_mean(per_example)
+    count = tf.cast(tf.shape(per_example)[0], per_example.dtype)
+    return tf.reduce_sum(per_example) / context.all_reduce(tf.distribute.ReduceOp.SUM, count)
+
+
 class Distiller(keras.Model):
-    """Trains ``student`` from labels and a frozen ``teacher`` (online or through cached logits).
+    """Trains ``student`` from labels and a frozen ``teacher`` (online, or through cached logits).
 
     ``teacher`` may be None when every training batch carries cached teacher logits and no
-    feature loss is used. ``student_model``/``teacher_model`` are the pixel models;
-    ``student``/``teacher`` the networks behind their preprocessing, which is what trains.
-    :meth:`save_student` (and ``save``) write the student pixel model alone, which loads in
-    plain tf-keras.
+    feature loss is used. :meth:`save_student` (and ``save``) write the student pixel model alone,
+    which loads in plain tf-keras (in float32, whatever the training precision).
     """
 
     def __init__(self, teacher, student, distillation_losses=None, distillation_loss_weights=None,
-                 student_loss_weight=0.5, name="distiller", **kwargs):
+                 student_loss_weight=0.5, student_loss_scale=1.0, name="distiller", **kwargs):
+        # The Distiller's own inputs are not cast to a mixed policy's float16: images and cached
+        # logits stay float32 (the networks cast their inputs); its policy still makes
+        # compile() wrap the optimizer for loss scaling under mixed_float16.
+        kwargs.setdefault("autocast", False)
         super().__init__(name=name, **kwargs)
         self.distillation_losses = _as_list(distillation_losses)
-        weights = _as_list(distillation_loss_weights) or [1.0] * len(self.distillation_losses)
+        weights = _as_list(distillation_loss_weights)
+        if distillation_loss_weights is None:
+            weights = [1.0] * len(self.distillation_losses)
         if len(weights) != len(self.distillation_losses):
             raise InvalidArgumentError(f"{len(weights)} distillation_loss_weights for "
                                        f"{len(self.distillation_losses)} distillation_losses")
-        if any(float(weight) < 0 for weight in weights) or not 0.0 <= float(student_loss_weight) <= 1.0:
+        if any(not float(weight) >= 0 for weight in weights) or not 0.0 <= float(student_loss_weight) <= 1.0:
             raise InvalidArgumentError("weights must be >= 0 and student_loss_weight in [0, 1]")
+        if not float(student_loss_scale) > 0:
+            raise InvalidArgumentError(f"student_loss_scale must be > 0, got {student_loss_scale}")
         names = [loss.name for loss in self.distillation_losses]
         if len(set(names)) != len(names):
             raise InvalidArgumentError(f"two distillation losses share a name: {names}")
         self.distillation_loss_weights = [float(weight) for weight in weights]
         self.student_loss_weight = float(student_loss_weight)
+        self.student_loss_scale = float(student_loss_scale)
+        # Each coefficient is folded in double precision, so the paper's preset multiplies by the
+        # same float32 constants as kdig_tf's objective always did (same weights, bit for bit).
+        self._student_coefficient = self.student_loss_weight * self.student_loss_scale
+        self._coefficients = [(1.0 - self.student_loss_weight) * weight for weight in self.distillation_loss_weights]
 
-        # ``student``/``teacher`` are the networks behind the models' preprocessing layers, under
-        # the attribute names of the Distiller before models carried preprocessing, so training
-        # checkpoints (BackupAndRestore) of runs started then restore into this one.
-        self.student_model = loading.as_pixel_model(student)
-        self.student, self.student_input = models.split_preprocessing(self.student_model)
-        self.teacher_model = None if teacher is None else loading.as_pixel_model(teacher)
-        if self.teacher_model is not None:
-            self.teacher_model.trainable = False
-            if self.teacher_model.output_shape[-1] != self.student_model.output_shape[-1]:
-                raise ShapeMismatchError(f"teacher has {self.teacher_model.output_shape[-1]} classes, student "
-                                         f"{self.student_model.output_shape[-1]}")
-            self.teacher, self.teacher_input = models.split_preprocessing(self.teacher_model)
-        else:
-            self.teacher, self.teacher_input = None, None
-        self._features = {}
-        for loss in self.distillation_losses:
-            if loss.kind == "features":
-                if self.teacher is None:
-                    raise InvalidArgumentError(f"{loss.name} needs the teacher model (its features run online)")
-                self._teacher_with_features = _with_features(self.teacher, loss.teacher_layer)
-                self._student_with_features = _with_features(self.student, loss.student_layer)
-                self._features[loss.name] = (self._teacher_with_features, self._student_with_features)
+        # The student first: trainable_variables (and so the optimizer's slots) follow its order.
+        self.student = student
+        self._student_pixels = loading.as_pixel_model(student)
+        self._student_network, self._student_input = models.split_preprocessing(self._student_pixels)
+        self.teacher = teacher
+        self._teacher_pixels = self._teacher_network = self._teacher_input = None
+        if teacher is not None:
+            teacher.trainable = False
+            self._teacher_pixels = loading.as_pixel_model(teacher)
+            self._teacher_pixels.trainable = False
+            if self._teacher_pixels.output_shape[-1] != self._student_pixels.output_shape[-1]:
+                raise ShapeMismatchError(f"teacher has {self._teacher_pixels.output_shape[-1]} classes, student "
+                                         f"{self._student_pixels.output_shape[-1]}")
+            self._teacher_network, self._teacher_input = models.split_preprocessing(self._teacher_pixels)
+        features = [loss for loss in self.distillation_losses if loss.kind == "features"]
+        if features and teacher is None:
+            raise InvalidArgumentError(f"{features[0].name} needs the teacher model (its features run online)")
+        self._uses_logits = any(loss.kind == "logits" for loss in self.distillation_losses)
+        # One extractor per model: a single forward pass gives the logits and every feature map read.
+        self._student_layers = _unique(loss.student_layer for loss in features)
+        self._teacher_layers = _unique(loss.teacher_layer for loss in features)
+        self._student_extractor = feature_extractor(self._student_network, self._student_layers)
+        self._teacher_extractor = None if teacher is None else \
+            feature_extractor(self._teacher_network, self._teacher_layers)
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.kd_tracker = keras.metrics.Mean(name="kd_loss")
-        self.ce_tracker = keras.metrics.Mean(name="ce_loss")
-        self.at_tracker = keras.metrics.Mean(name="at_loss")
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        known = {"kd_loss": self.kd_tracker, "at_loss": self.at_tracker}
-        self._term_trackers = {loss.name: known.get(loss.name) or keras.metrics.Mean(name=loss.name)
-                               for loss in self.distillation_losses}
+        self.student_loss_tracker = keras.metrics.Mean(name="ce_loss")
+        self.term_trackers = {loss.name: keras.metrics.Mean(name=loss.name) for loss in self.distillation_losses}
+        self._student_loss = None
 
     @property
-    def metrics(self):
-        return [self.loss_tracker, self.ce_tracker, *self._term_trackers.values(), self.accuracy]
+    def student_model(self):
+        """The student as a pixel model: the model passed in, wrapped if it was a bare kdig_tf network."""
+        return self._student_pixels
 
-    def call(self, images, training=False):
-        """Student logits for [0, 1] images."""
-        return self.student(self.student_input.from_unit(images), training=training)
+    @property
+    def coefficients(self):
+        """(coefficient of the student loss, [coefficient of each distillation loss]) in the per-example sum."""
+        return self._student_coefficient, list(self._coefficients)
+
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None, **kwargs):
+        """``loss``: the student loss (a Keras loss, its name, or a function of (labels, logits) per
+        example); None is cross-entropy from logits. ``metrics`` are computed on (labels, student logits)."""
+        if loss_weights is not None:
+            raise InvalidArgumentError("a Distiller weighs its losses with student_loss_weight and "
+                                       "distillation_loss_weights, not compile(loss_weights=...)")
+        self._student_loss = None if loss is None else keras.losses.get(loss)
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "checkpoint":
+            # Training checkpoints (BackupAndRestore) keep the layout of runs started before the
+            # Distiller took pixel models: "student"/"teacher" are the networks behind the
+            # preprocessing, so those runs resume here with every weight and optimizer slot.
+            children = dict(children, student=self._student_network, student_model=self._student_pixels)
+            if self.teacher is not None:
+                children.update(teacher=self._teacher_network, teacher_model=self._teacher_pixels)
+        return children
 
     @staticmethod
-    def _unpack(batch):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise InvalidArgumentError("training elements must be (images, labels) or "
-                                       f"({{{IMAGES!r}, {TEACHER_LOGITS!r}, {EXAMPLE_ID!r}}}, labels)")
-        inputs, labels = batch
+    def _unpack_inputs(inputs):
+        """(images, cached teacher logits or None) of a batch's inputs."""
         if isinstance(inputs, dict):
             if IMAGES not in inputs:
                 raise InvalidArgumentError(f"the input dict has no {IMAGES!r}: {sorted(inputs)}")
-            return inputs[IMAGES], labels, inputs.get(TEACHER_LOGITS)
-        return inputs, labels, None
+            return inputs[IMAGES], inputs.get(TEACHER_LOGITS)
+        if isinstance(inputs, (tuple, list)):
+            raise InvalidArgumentError("training elements must be (images, labels) or "
+                                       f"({{{IMAGES!r}, {TEACHER_LOGITS!r}, {EXAMPLE_ID!r}}}, labels)")
+        return inputs, None
 
-    def _teacher_logits(self, images, cached_logits, training):
-        if cached_logits is not None:
-            return cached_logits
-        if self.teacher is None:
-            if not training:
-                return None  # plain (images, labels) validation: report CE and accuracy only
-            raise InvalidArgumentError("a logits distillation loss needs cached teacher logits or a teacher model")
-        return tf.stop_gradient(self.teacher(self.teacher_input.from_unit(images), training=False))
+    def _student_forward(self, images, training):
+        """(float32 logits, {layer: float32 features}) of one student forward pass."""
+        outputs = self._student_extractor(self._student_input.from_unit(images), training=training)
+        if not self._student_layers:
+            return tf.cast(outputs, tf.float32), {}
+        return tf.cast(outputs[LOGITS], tf.float32), {name: tf.cast(outputs[name], tf.float32)
+                                                      for name in self._student_layers}
 
-    def _loss_terms(self, images, labels, cached_logits, training):
-        student_inputs = self.student_input.from_unit(images)
-        feature_pairs = {}
-        if self._features:
-            teacher_inputs = self.teacher_input.from_unit(images)
-            for name, (teacher_features, student_features) in self._features.items():
-                _, t_features = teacher_features(teacher_inputs, training=False)
-                student_logits, s_features = student_features(student_inputs, training=training)
-                feature_pairs[name] = (tf.stop_gradient(t_features), s_features)
+    def call(self, inputs, training=None):
+        """Student logits (float32) for ``[0, 1]`` images or a batch's input dict."""
+        images, _ = self._unpack_inputs(inputs)
+        logits, features = self._student_forward(images, training)
+        # compute_loss reads the features of this same forward pass (the student runs once).
+        setattr(logits, _FEATURES_ATTR, features)
+        mode = tf.get_static_value(training) if training is not None else False
+        setattr(logits, _TRAINING_ATTR, True if mode is None else bool(mode))  # a symbolic flag counts as training
+        return logits
+
+    def _teacher_outputs(self, images, cached_logits, training):
+        """(teacher logits or None, {layer: features}), float32 and never differentiated."""
+        need_logits = self._uses_logits and cached_logits is None
+        if self._teacher_extractor is None:
+            if need_logits and training:
+                raise InvalidArgumentError("a logits distillation loss needs cached teacher logits or a teacher model")
+            return cached_logits, {}  # plain (images, labels) validation without a teacher: no logits term
+        if not (need_logits or self._teacher_layers):
+            return cached_logits, {}
+        outputs = self._teacher_extractor(self._teacher_input.from_unit(images), training=False)
+        if not self._teacher_layers:
+            outputs = {LOGITS: outputs}
+        features = {name: tf.stop_gradient(tf.cast(outputs[name], tf.float32)) for name in self._teacher_layers}
+        if cached_logits is None:
+            cached_logits = tf.stop_gradient(tf.cast(outputs[LOGITS], tf.float32))
+        return cached_logits, features
+
+    def _student_loss_per_example(self, labels, logits):
+        loss = self._student_loss
+        if loss is None:
+            values = default_student_loss(labels, logits)
+        elif isinstance(loss, keras.losses.Loss):
+            values = loss.call(labels, logits)  # per example, before the loss's own reduction
         else:
-            student_logits = self.student(student_inputs, training=training)
-        teacher_logits = None
-        if any(loss.kind == "logits" for loss in self.distillation_losses):
-            teacher_logits = self._teacher_logits(images, cached_logits, training)
-        ce = keras.losses.sparse_categorical_crossentropy(labels, student_logits, from_logits=True)
+            values = loss(labels, logits)
+        if values.shape.rank != 1:
+            raise ShapeMismatchError(f"the student loss must give one value per example, got shape {values.shape}")
+        return values
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        """The objective: per example slw * L_student + sum_i (1 - slw) * w_i * D_i, then the mean."""
+        if sample_weight is not None:
+            raise InvalidArgumentError("a Distiller takes no sample weights (mixed labels carry soft targets)")
+        images, cached_logits = self._unpack_inputs(x)
+        training = getattr(y_pred, _TRAINING_ATTR, True) if y_pred is not None else True
+        student_features = getattr(y_pred, _FEATURES_ATTR, None) if y_pred is not None else None
+        if y_pred is None or (self._student_layers and student_features is None):
+            y_pred, student_features = self._student_forward(images, training)  # not from call()
+        teacher_logits, teacher_features = self._teacher_outputs(images, cached_logits, training)
+        student_loss = self._student_loss_per_example(y, y_pred)
+        terms = {}
         # Addition is commutative in floating point, so starting from the student term gives the
         # same bits as alpha * kd + (1 - alpha) * ce + gamma * at.
-        total = self.student_loss_weight * ce
-        terms = {"ce_loss": ce}
-        for loss, weight in zip(self.distillation_losses, self.distillation_loss_weights):
+        total = self._student_coefficient * student_loss
+        for loss, coefficient in zip(self.distillation_losses, self._coefficients):
             if loss.kind == "features":
-                term = loss.per_example(*feature_pairs[loss.name])
+                term = loss.per_example(teacher_features[loss.teacher_layer], student_features[loss.student_layer])
             elif teacher_logits is None:
-                term = tf.zeros_like(ce)
+                term = tf.zeros_like(student_loss)
             else:
-                term = loss.per_example(teacher_logits, student_logits)
+                term = loss.per_example(teacher_logits, y_pred, y if loss.uses_labels else None)
             terms[loss.name] = term
-            total = weight * term + total
-        terms["loss"] = total
-        return student_logits, terms
-
-    def _update_metrics(self, labels, logits, terms):
-        self.loss_tracker.update_state(terms["loss"])
-        self.ce_tracker.update_state(terms["ce_loss"])
-        for name, tracker in self._term_trackers.items():
-            tracker.update_state(terms[name])
-        self.accuracy.update_state(labels, logits)
-        return {metric.name: metric.result() for metric in self.metrics}
-
-    def train_step(self, batch):
-        images, labels, cached_logits = self._unpack(batch)
-        with tf.GradientTape() as tape:
-            logits, terms = self._loss_terms(images, labels, cached_logits, training=True)
-            # Gradients are summed over replicas, so each replica averages over the global batch.
+            total = coefficient * term + total
+        self.loss_tracker.update_state(total)
+        self.student_loss_tracker.update_state(student_loss)
+        for name, term in terms.items():
+            self.term_trackers[name].update_state(term)
+        loss = global_batch_mean(total)
+        if self.student.losses:  # regularisation: each replica adds its share
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            loss = tf.reduce_mean(terms["loss"]) / replicas
-            loss += tf.add_n(self.student.losses) / replicas if self.student.losses else 0.0
-        variables = self.student.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return self._update_metrics(labels, logits, terms)
-
-    def test_step(self, batch):
-        images, labels, cached_logits = self._unpack(batch)
-        logits, terms = self._loss_terms(images, labels, cached_logits, training=False)
-        return self._update_metrics(labels, logits, terms)
+            loss += tf.add_n(self.student.losses) / replicas
+        return loss
 
     def save_student(self, filepath, **kwargs):
-        """Write the student alone: a pixel model, no teacher, no kdig_tf objects."""
+        """Write the student alone: a float32 pixel model, no teacher, no kdig_tf objects."""
         kwargs.setdefault("include_optimizer", False)
-        self.student_model.save(filepath, **kwargs)
+        distribute.float32_copy(self._student_pixels).save(filepath, **kwargs)
 
     def save(self, filepath, *args, **kwargs):
         """Saving a distiller saves its student: the teacher is a training-time dependency."""
         self.save_student(filepath, *args, **kwargs)
 
     def get_config(self):
-        return {"distillation_losses": [keras.utils.serialize_keras_object(loss) for loss in self.distillation_losses],
-                "distillation_loss_weights": self.distillation_loss_weights,
-                "student_loss_weight": self.student_loss_weight}
+        """Models, losses and weights; the models are serialised as architectures (Keras semantics)."""
+        return {"name": self.name,
+                "teacher": None if self.teacher is None else keras.layers.serialize(self.teacher),
+                "student": keras.layers.serialize(self.student),
+                "distillation_losses": [keras.utils.serialize_keras_object(loss) for loss in self.distillation_losses],
+                "distillation_loss_weights": list(self.distillation_loss_weights),
+                "student_loss_weight": self.student_loss_weight,
+                "student_loss_scale": self.student_loss_scale}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("teacher", "student"):
+            if config.get(key) is not None:
+                config[key] = keras.layers.deserialize(config[key], custom_objects=custom_objects)
+        config["distillation_losses"] = [keras.utils.deserialize_keras_object(loss, custom_objects=custom_objects)
+                                         for loss in config.get("distillation_losses", [])]
+        return cls(**config)
 
 
-def paper_distiller(teacher, student, alpha=0.01, temperature=2.5, gamma=0.0, at_layers=None):
-    """The paper's objective: alpha * KD(T) + (1 - alpha) * CE, plus gamma * AT when gamma > 0.
+def keras_weights(student_weight, term_weights):
+    """(student_loss_weight, distillation_loss_weights, student_loss_scale) of the objective
+    ``student_weight * L_student + sum_i term_weights[i] * D_i`` in the Distiller's (Keras's) form."""
+    if student_weight < 0 or any(weight < 0 for weight in term_weights):
+        raise InvalidArgumentError(f"loss weights must be >= 0, got {student_weight} and {term_weights}")
+    if not any(term_weights):
+        return 1.0, list(term_weights), student_weight or 1.0
+    if student_weight < 1.0:
+        return student_weight, [weight / (1.0 - student_weight) for weight in term_weights], 1.0
+    # slw = 1/2 and powers of two: (1 - slw) * 2w == w and slw * 2s == s exactly.
+    return 0.5, [2.0 * weight for weight in term_weights], 2.0 * student_weight
 
-    ``at_layers`` = (teacher_layer, student_layer); by default matched by spatial size.
-    ``alpha == 0`` drops the KD term (the plain student), ``teacher`` may then be None.
+
+def paper_distiller(teacher, student, alpha=0.01, temperature=2.5, gamma=0.0, at_layers=None, kd_weight=None,
+                    kd_loss=None):
+    """The paper's objective: (1 - alpha) * CE + alpha * KD(T), plus gamma * AT when gamma > 0.
+
+    ``kd_weight`` (default ``alpha``) frees the KD weight: (1 - alpha) * CE + kd_weight * KD; ``kd_loss``
+    (default ``LogitsDistillation(temperature)``) is the KD term. ``at_layers`` = (teacher_layer,
+    student_layer); by default matched by spatial size. A KD weight of 0 drops the KD term (the plain
+    student), and ``teacher`` may then be None.
     """
-    kd_loss = KDLoss(alpha, temperature)  # validates alpha and T
-    losses, weights = [], []
-    if kd_loss.alpha > 0:
-        losses.append(kd_loss.logits_distillation)
-        weights.append(kd_loss.alpha)
-    if float(gamma) < 0:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InvalidArgumentError(f"alpha must be in [0, 1], got {alpha}")
+    kd_weight = float(alpha) if kd_weight is None else float(kd_weight)
+    if not kd_weight >= 0:
+        raise InvalidArgumentError(f"kd_weight must be >= 0, got {kd_weight}")
+    if not float(gamma) >= 0:
         raise InvalidArgumentError(f"gamma must be >= 0, got {gamma}")
+    kd_loss = kd_loss if kd_loss is not None else LogitsDistillation(temperature)
+    losses, weights = [], []
+    if kd_weight > 0:
+        losses.append(kd_loss)
+        weights.append(kd_weight)
     if gamma > 0:
         if teacher is None:
             raise InvalidArgumentError("attention transfer needs the teacher model")
         teacher_layer, student_layer = at_layers or matching_feature_layers(teacher, student)
         losses.append(AttentionTransfer(teacher_layer, student_layer))
         weights.append(float(gamma))
-    return Distiller(teacher, student, losses, weights, student_loss_weight=1.0 - kd_loss.alpha)
+    student_loss_weight, weights, scale = keras_weights(1.0 - float(alpha), weights)
+    return Distiller(teacher, student, losses, weights, student_loss_weight=student_loss_weight,
+                     student_loss_scale=scale)

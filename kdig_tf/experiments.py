@@ -360,19 +360,45 @@ def _record(run, flagfile):
             "overrides": flag_args(run.overrides)}
 
 
-def _check_not_stale(run, record):
+def _check_not_stale(run, record, flagfile):
     previous = read_json_or_none(os.path.join(run.workdir, COMMAND_FILE))
     if previous is None:
         return
     changes = []
     if previous.get("flagfile_sha256") != record["flagfile_sha256"]:
-        changes.append(f"base flagfile {record['flagfile']} changed")
+        # An edited flagfile (a comment, a default made explicit, a check-only flag) is stale
+        # only if it changes what the run's student was trained with.
+        changes += [f"base flagfile {record['flagfile']} changed: {change}"
+                    for change in _training_changes(run, flagfile)]
     old, new = set(previous.get("overrides") or []), set(record["overrides"])
     if old != new:
         changes.append(f"flags {sorted(old - new)} -> {sorted(new - old)}")
     if changes:
         raise StaleRunError(f"{run.workdir} finished with other settings ({'; '.join(changes)}); "
                             f"use a new output directory or delete that run")
+
+
+def _training_changes(run, flagfile):
+    """What the run's recorded training settings and those of ``flagfile`` + its overrides disagree on."""
+    from kdig_tf import pipeline  # TensorFlow loads the teacher to fingerprint it
+
+    if not os.path.isfile(os.path.join(run.workdir, pipeline.RUN_CONFIG)):
+        return [f"its training settings cannot be compared ({pipeline.RUN_CONFIG} is missing)"]
+    config, _ = parse_run(flagfile, run.overrides, run.workdir)
+    uses_teacher = config.uses_kd or config.uses_ig or config.uses_at
+    teacher_hash = _teacher_fingerprint(config.teacher) if uses_teacher else None
+    return pipeline.settings_changes(run.workdir, pipeline.training_settings(config, teacher_hash))
+
+
+_TEACHER_FINGERPRINTS = {}
+
+
+def _teacher_fingerprint(path):
+    from kdig_tf import pipeline, records
+
+    if path not in _TEACHER_FINGERPRINTS:
+        _TEACHER_FINGERPRINTS[path] = records.weights_fingerprint(pipeline.load_teacher(path))
+    return _TEACHER_FINGERPRINTS[path]
 
 
 def recorded_output(workdir, path):
@@ -425,7 +451,7 @@ def run_campaign(runs, flagfile=None, launcher=distill_launcher, dry_run=False, 
     records = [_record(run, flagfile) for run in runs]
     for run, record in zip(runs, records):
         if os.path.exists(os.path.join(run.workdir, RESULTS_FILE)):
-            _check_not_stale(run, record)
+            _check_not_stale(run, record, flagfile)
     commands = [display_command(run_args(flagfile, run.overrides, run.workdir)) for run in runs]
     rows, missing = [], []
     for run, command in zip(runs, commands):

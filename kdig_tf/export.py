@@ -16,9 +16,9 @@ import tf_keras as keras
 
 from ai_edge_litert.interpreter import Interpreter
 
-from kdig_tf import models
-from kdig_tf.errors import (InvalidArgumentError, NotAModelError, ShapeMismatchError,
-                            SidecarMismatchError, UnknownKeyError, UnsupportedLayerError)
+from kdig_tf import guards, models
+from kdig_tf.errors import (InvalidArgumentError, NonFiniteOutputError, NotAModelError, ShapeMismatchError,
+                            SidecarMismatchError, TFLiteChecksumError, UnknownKeyError, UnsupportedLayerError)
 from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
 
 SIDECAR_FORMAT = "kdig_tf.tflite_sidecar"
@@ -149,6 +149,7 @@ def convert(model, path, mode, representative_images=None, int8_io=False, input_
     if input_kind not in INPUT_KINDS:
         raise UnknownKeyError(f"unknown input_kind {input_kind!r}; known: {list(INPUT_KINDS)}")
     hwc = image_input_shape(model)
+    guards.check_finite_weights(model, "the model to export")  # a diverged model would export and classify NaNs
     quantization_aware = is_quantization_aware(model)
     if int8_io and mode != "int8":
         raise InvalidArgumentError("int8_io needs mode='int8'")
@@ -288,15 +289,40 @@ def _read_tflite_bytes(path):
     return payload
 
 
+def verify_tflite(path):
+    """Raise TFLiteChecksumError if ``path``'s sidecar records a ``tflite_sha256`` its bytes do not have.
+
+    A model without a kdig_tf sidecar has nothing to verify; an unreadable sidecar is a NotAModelError.
+    """
+    json_path = sidecar_path(path)
+    if not os.path.isfile(json_path):
+        return
+    try:
+        with open(json_path) as handle:
+            sidecar = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise NotAModelError(f"unreadable sidecar {json_path}: {err} (verify=False skips the check)") from err
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
+        return  # a JSON file of something else that shares the model's name
+    recorded, found = sidecar.get("tflite_sha256"), sha256_file(path)
+    if recorded != found:
+        raise TFLiteChecksumError(f"{path} has sha256 {found}, its sidecar {json_path} records {recorded}: the file "
+                                  "was damaged or edited after export (verify=False runs it anyway)")
+
+
 class TFLiteModel:
     """A ``.tflite`` classifier on the LiteRT interpreter that takes and returns floats.
 
     ``predict`` quantises float inputs for int8-input models, dequantises int8 outputs
-    and resizes the batch dimension as needed.
+    and resizes the batch dimension as needed; outputs that are not finite raise
+    NonFiniteOutputError. With ``verify`` (the default) a model whose sidecar records
+    another ``tflite_sha256`` is refused (TFLiteChecksumError) before it runs.
     """
 
-    def __init__(self, path, num_threads=1, max_batch=64):
+    def __init__(self, path, num_threads=1, max_batch=64, verify=True):
         _read_tflite_bytes(path)
+        if verify:
+            verify_tflite(path)
         try:
             self.interpreter = Interpreter(model_path=path, num_threads=int(num_threads))
             self.interpreter.allocate_tensors()
@@ -348,7 +374,11 @@ class TFLiteModel:
         self._resize(len(batch))
         self.interpreter.set_tensor(self._input_index, quantize(batch, self.input_spec))
         self.interpreter.invoke()
-        return dequantize(self.interpreter.get_tensor(self._output_index), self.output_spec)
+        outputs = dequantize(self.interpreter.get_tensor(self._output_index), self.output_spec)
+        if not np.all(np.isfinite(outputs)):
+            raise NonFiniteOutputError(f"{self.path} gives NaN or Inf outputs: its weights are damaged or it was "
+                                       "exported from a diverged model")
+        return outputs
 
 
 def quantize(values, spec):
@@ -384,7 +414,7 @@ def load_sidecar(path):
         raise NotAModelError(f"{json_path} is not a kdig_tf sidecar")
     if tflite_path is None:
         tflite_path = os.path.join(os.path.dirname(json_path), sidecar.get("model_file", ""))
-    actual = TFLiteModel(tflite_path)
+    actual = TFLiteModel(tflite_path, verify=False)  # the input is compared first, then the hash below
     for key in ("shape", "dtype", "quantization"):
         expected = sidecar["input"].get(key)
         if key == "shape":
@@ -396,7 +426,8 @@ def load_sidecar(path):
             raise SidecarMismatchError(
                 f"sidecar {json_path} says input {key} {expected}, {tflite_path} has {found}")
     if sidecar.get("tflite_sha256") not in (None, sha256_file(tflite_path)):
-        raise SidecarMismatchError(f"sidecar {json_path} was written for a different {tflite_path}")
+        raise TFLiteChecksumError(f"sidecar {json_path} was written for a different {tflite_path} (its tflite_sha256 "
+                                  "differs: the .tflite was damaged, edited or replaced)")
     return sidecar
 
 
@@ -432,8 +463,10 @@ def check_export(keras_model, tflite_path, images, labels):
     if len(images) != len(labels) or len(images) == 0:
         raise ShapeMismatchError(f"{len(images)} images but {len(labels)} labels (need the same, > 0)")
     reference = keras_model.predict(images, batch_size=64, verbose=0)
+    if not np.all(np.isfinite(reference)):
+        raise NonFiniteOutputError(f"the Keras model behind {tflite_path} gives NaN or Inf logits")
     lite = TFLiteModel(tflite_path)
-    logits = lite.predict(images)
+    logits = lite.predict(images)  # NonFiniteOutputError for NaN or Inf logits
     if logits.shape != reference.shape:
         raise ShapeMismatchError(f"tflite logits {logits.shape} vs keras {reference.shape}")
     keras_top1, lite_top1 = reference.argmax(-1), logits.argmax(-1)

@@ -6,14 +6,20 @@ import json
 import os
 import tempfile
 
+from kdig_tf.errors import CorruptRunFileError
+
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path; rename it to ``path`` only if the block succeeds."""
+def atomic_path(path, prefix=".tmp-"):
+    """Yield a temporary path; rename it to ``path`` only if the block succeeds.
+
+    The temporary name starts with ``prefix`` (which should start with ``.tmp-``), so that
+    an owner can find the leftovers of a killed writer.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    handle, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
     os.close(handle)
     # mkstemp creates 0600; give the final file the permissions a plain open() would.
     umask = os.umask(0)
@@ -47,16 +53,31 @@ def read_epoch_log(history_path):
     """A Keras CSVLogger file as {column: [value per epoch]}, one row per epoch.
 
     kdig_tf logs an epoch before backing it up, so a kill in between makes the resumed
-    run log that epoch twice; the later row belongs to the weights that survive.
+    run log that epoch twice; the later row belongs to the weights that survive. A repeated
+    header row (two writers that each found the file empty) is skipped; any other row that
+    is not numbers raises CorruptRunFileError naming the file and line.
     """
     if not os.path.exists(history_path):
         return {}
+    rows = {}
     with open(history_path, newline="") as handle:
-        rows = {int(row["epoch"]): row for row in csv.DictReader(handle)}
+        reader = csv.DictReader(handle)
+        for row in reader:
+            if all(key == value for key, value in row.items()):
+                continue
+            try:
+                if None in row:
+                    raise ValueError("more values than columns")
+                rows[int(row["epoch"])] = {key: float(value) if value not in ("", None) else float("nan")
+                                           for key, value in row.items()}
+            except (KeyError, ValueError) as err:
+                raise CorruptRunFileError(
+                    f"{history_path} line {reader.line_num} is not an epoch row ({err}); remove that line (and the "
+                    "rows after the last epoch the run's backup holds) or start a new workdir") from err
     columns = {}
     for epoch in sorted(rows):
         for key, value in rows[epoch].items():
-            columns.setdefault(key, []).append(float(value) if value not in ("", None) else float("nan"))
+            columns.setdefault(key, []).append(value)
     return columns
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from kdig_tf import students
 from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
 
 # The teacher's input normalisation (CIFAR-10 training-set statistics).
@@ -386,9 +387,14 @@ def _mobilenetv2_student(num_classes, input_shape, keep=14, width=1.0, stem_stri
                          input_shape=input_shape, stem_stride=int(stem_stride))
 
 
-# family -> (builder of the core, its input spec, the keys the spec may set)
+# family -> (builder of the core, its input spec, the keys the spec may set: a tuple, or
+# {key: parser(key, text)} for the latency families of kdig_tf.students)
 STUDENT_FAMILIES = {
     "mobilenetv2": (_mobilenetv2_student, UNIT_INPUT, ("keep", "width", "stem_stride")),
+    "mnv2": (students.build_mnv2, UNIT_INPUT, students.MNV2_OPTIONS),
+    "resnet": (students.build_resnet, UNIT_INPUT, students.RESNET_OPTIONS),
+    "shufflenetv2": (students.build_shufflenetv2, UNIT_INPUT, students.SHUFFLENET_OPTIONS),
+    "vgg": (students.build_vgg, UNIT_INPUT, students.VGG_OPTIONS),
 }
 
 
@@ -407,7 +413,13 @@ class StudentSpec:
         return STUDENT_FAMILIES[self.family][1]
 
     def __str__(self):
-        return self.family + (":" + ",".join(f"{key}={value}" for key, value in self.options) if self.options else "")
+        return self.family + (":" + ",".join(f"{key}={_option_text(value)}" for key, value in self.options)
+                              if self.options else "")
+
+
+def _option_text(value):
+    """A list option is written with '-' between its items, so the spec's text parses back."""
+    return "-".join(format(item, "g") for item in value) if isinstance(value, tuple) else str(value)
 
 
 def parse_student_spec(text):
@@ -424,6 +436,9 @@ def parse_student_spec(text):
         key = key.strip()
         if not sep or key not in allowed:
             raise UnknownKeyError(f"bad student option {item!r} for {family}; known keys: {list(allowed)}")
+        if isinstance(allowed, dict):  # the family's own parser names a bad value itself
+            options[key] = allowed[key](key, value.strip())
+            continue
         try:
             options[key] = float(value) if key == "width" else int(value)
         except ValueError as err:

@@ -77,17 +77,29 @@ def split_batch_seed(seed):
     return tf.unstack(tf.random.experimental.stateless_split(seed, 2))
 
 
+def augmentation_mode(augment):
+    """``augment`` as one of ``data.AUGMENTATIONS``: True is crop_flip (the CIFAR recipe), False none."""
+    if augment is True or augment is False:
+        return "crop_flip" if augment else "none"
+    return data.check_augmentation(augment)
+
+
 def augment_and_overlay(images_uint8, maps, seed, p, beta=0.5, power_range=(1.0, 2.0), augment=True,
-                        paper_mode=False):
-    """uint8 images + maps -> student inputs in [0,1], crop/flip then overlay."""
+                        paper_mode=False, pad=None):
+    """uint8 images + maps -> student inputs in [0,1], augmentation then overlay.
+
+    ``augment`` is True (crop_flip), False or a ``data.AUGMENTATIONS`` mode; ``pad`` the
+    crop's padding (default: ``data.augment_pad`` of the image size).
+    """
+    mode = augmentation_mode(augment)
     images = tf.cast(images_uint8, tf.float32) / 255.0
     maps = tf.convert_to_tensor(maps, tf.float32)
     crop_seed, overlay_seed = split_batch_seed(seed)
-    if augment:
+    if mode != "none":
         if paper_mode:
-            images = crop_flip_batch(images, crop_seed)
+            images = data.augment_batch(images, crop_seed, mode, pad)
         else:
-            stacked = crop_flip_batch(tf.concat([images, maps[..., None]], axis=-1), crop_seed)
+            stacked = data.augment_batch(tf.concat([images, maps[..., None]], axis=-1), crop_seed, mode, pad)
             images, maps = stacked[..., :-1], stacked[..., -1]
     images, _ = overlay_batch(images, maps, overlay_seed, p, beta, power_range)
     return images
@@ -154,7 +166,7 @@ def seeded_epochs(examples, batch_size, seed=0, shuffle=True, shuffle_buffer=Non
 def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0), seed=0, augment=True,
                      paper_mode=False, shuffle=True, cached_targets_order="aligned", repeat=False,
                      drop_remainder=False, return_target_ids=False, keep_indices=None, epochs=None,
-                     initial_epoch=0):
+                     initial_epoch=0, mix=None):
     """Batches of (student_input, label, teacher_logits, id) from a :class:`records.Store`.
 
     Records are shuffled as serialized strings, batched, then parsed in one op per batch.
@@ -162,7 +174,8 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
     another image's logits and map, as the paper's released code did by accident.
     ``keep_indices`` restricts training to those store indices (e.g. a stratified subset).
     ``epochs``/``initial_epoch``: see :func:`seeded_epochs` (what makes a resumed run
-    see the same data as an uninterrupted one).
+    see the same data as an uninterrupted one). ``augment``: True (crop_flip), False, or a
+    ``data.AUGMENTATIONS`` mode. ``mix``: a ``kdig_tf.mixing.Mix`` applied after the overlay.
     """
     check_overlay_args(p, beta, power_range)
     if batch_size < 1:
@@ -173,6 +186,8 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
     if cached_targets_order not in TARGET_ORDERS:
         raise UnknownKeyError(f"cached_targets_order must be one of {TARGET_ORDERS}, got {cached_targets_order!r}")
     image_shape = store.image_shape
+    augmentation_mode(augment)
+    pad = data.augment_pad(*image_shape[:2])
     ds = store.raw_dataset()
     if keep_indices is not None:
         mask = index_mask(keep_indices, store.num_examples)
@@ -200,8 +215,11 @@ def training_dataset(store, batch_size, p=0.1, beta=0.5, power_range=(1.0, 2.0),
         if batch["map"].shape[1:] != image_shape[:2]:
             raise ShapeMismatchError(f"maps {batch['map'].shape[1:]} do not match images {image_shape[:2]}")
         inputs = augment_and_overlay(batch["image"], batch["map"], batch_seed, p, beta, power_range,
-                                     augment=augment, paper_mode=paper_mode)
-        example = (inputs, batch["label"], batch["logits"], batch["id"])
+                                     augment=augment, paper_mode=paper_mode, pad=pad)
+        labels = batch["label"]
+        if mix is not None:  # a kdig_tf.mixing.Mix, after the overlay: labels become distributions
+            inputs, labels = mix(inputs, labels, batch_seed)
+        example = (inputs, labels, batch["logits"], batch["id"])
         if return_target_ids:
             example += (batch.get("target_id", batch["id"]),)
         return example

@@ -18,12 +18,15 @@ pipeline). A candidate whose run has not finished is still timed, with random we
 
 Input resolution is not swept: the distillation pipeline trains on 32x32 images only. The
 in-network equivalent is a stem stride of 2 (every block then runs on 16x16 and smaller maps);
-such students join the grid as extra candidates named ``k<keep>_w<width>_s2``.
+such students join the grid as extra candidates named ``k<keep>_w<width>_s2``. Students of the other
+built-in families (``kdig_tf.students``: MobileNetV2 with per-stage strides, CIFAR ResNet,
+ShuffleNetV2, plain VGG) join as ``student_specs``, named by their ``--student`` text.
 
 Only the pure helpers (grid, Pareto front, selection, tables) avoid TensorFlow.
 """
 import kdig_tf  # noqa: F401
 
+import hashlib
 import math
 import os
 import re
@@ -43,7 +46,7 @@ TEACHER = "teacher"
 REFERENCE_MODE = "fp32"
 IMAGE_SHAPE = (32, 32, 3)
 # Distillation flags the sweep sets per candidate.
-SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes")
+SWEEP_FLAGS = ("keep_blocks", "width_multiplier", "stem_stride", "export_modes", "student")
 
 
 # --------------------------------------------------------------------------- grid
@@ -107,6 +110,31 @@ def candidate_grid(keep_blocks, widths, extra_candidates=()):
         names.add(entry[0])
         grid.append(entry)
     return grid
+
+
+def spec_candidates(texts):
+    """[(name, StudentSpec)] of built-in ``--student`` specs (``resnet:depth=20,width=16``), each named
+    by its canonical text; a spec listed twice, under any spelling, is refused."""
+    specs, names = [], set()
+    for text in texts:
+        if not str(text).strip():
+            continue
+        spec = models.parse_student_spec(text)
+        name = str(spec)
+        if name in names:
+            raise InvalidArgumentError(f"candidate {name} is listed twice")
+        names.add(name)
+        specs.append((name, spec))
+    return specs
+
+
+def file_stem(name):
+    """A candidate's file and run-directory name: a k<keep>_w<width> name as it is; a spec's text with
+    its punctuation replaced, plus a hash of the text, so that two specs never share a file."""
+    if _CANDIDATE.fullmatch(name):
+        return name
+    readable = re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
+    return f"{readable}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 # --------------------------------------------------------------------------- front and selection
@@ -344,7 +372,7 @@ def default_latency_fn(isolate=True):
 # --------------------------------------------------------------------------- the sweep
 
 def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_flags, final_report,
-                      launcher, dry_run, log):
+                      launcher, dry_run, log, specs=()):
     """Run (or skip) one distillation per candidate, in this process; returns rows and the val split."""
     extra = experiments.parse_extra_flags(extra_flags)
     clash = [name for name in SWEEP_FLAGS if name in extra]
@@ -360,6 +388,10 @@ def _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_fla
         runs += experiments.seed_runs(os.path.join(output_dir, "runs"), [method], [seed], 1.0, overrides,
                                       {"candidate": name, "keep_blocks": keep, "width_multiplier": width,
                                        "stem_stride": stride}, subdir=name)
+    for name, spec in specs:
+        overrides = dict(common, student=name, export_modes=",".join(modes))
+        runs += experiments.seed_runs(os.path.join(output_dir, "runs"), [method], [seed], 1.0, overrides,
+                                      {"candidate": name, "family": spec.family}, subdir=file_stem(name))
     rows = experiments.run_campaign(runs, flagfile, launcher, dry_run=dry_run, log=log, rows_dir=output_dir)
     return rows, splits["val_split"]
 
@@ -396,8 +428,11 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
                       num_runs=50,
                       target_speedup=10.0, num_calibration=128, random_seed=0, isolate=True, command=None,
                       teacher=None, latency_fn=None, accuracy_fn=tflite_accuracy,
-                      launcher=experiments.distill_launcher, dry_run=False, log=print):
+                      launcher=experiments.distill_launcher, dry_run=False, log=print, student_specs=()):
     """Time every candidate and the fp32 teacher; write latency_sweep.{json,md,png}; return the report.
+
+    ``student_specs``: built-in ``--student`` specs (``kdig_tf.students``) timed beside the
+    k<keep>_w<width> grid, built for the teacher's classes and ``IMAGE_SHAPE``.
 
     ``latency_fn(path, num_threads, warmup_runs, num_runs)`` -> benchmark latency dict;
     ``accuracy_fn(path, run_flags)`` -> {"accuracy": %, "num_examples": n} (train only);
@@ -405,7 +440,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     ``launcher(config, workdir)`` trains one candidate (``train`` only; default: the pipeline, in-process).
     """
     extra_candidates = [str(name).strip() for name in extra_candidates if str(name).strip()]
-    if extra_candidates and not any(str(value).strip() for value in [*keep_blocks, *widths]):
+    specs = spec_candidates(student_specs)
+    if (extra_candidates or specs) and not any(str(value).strip() for value in [*keep_blocks, *widths]):
         keep_blocks, widths = [], []  # the named candidates alone, no grid
     else:
         keep_blocks = experiments.parse_int_list(keep_blocks, "keep_blocks")
@@ -428,7 +464,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
     run_rows, val_split = {}, None
     if train:
         rows, val_split = _train_candidates(output_dir, grid, modes, flagfile, method, seed, extra_flags,
-                                            final_report, launcher, dry_run, log)
+                                            final_report, launcher, dry_run, log, specs)
         if dry_run:
             return None
         run_rows = {row["candidate"]: row for row in rows}
@@ -456,12 +492,22 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
 
     cache_path = os.path.join(output_dir, ACCURACY_CACHE)
     accuracy_cache = read_json_or_none(cache_path) or {}
-    for name, keep, width, stride in grid:
+    # (name, row fields, builder, input kind): the grid, then the specs.
+    candidates = [(name, dict(keep_blocks=keep, width_multiplier=width, stem_stride=stride),
+                   lambda keep=keep, width=width, stride=stride: models.build_student(
+                       keep, width_multiplier=width, input_shape=IMAGE_SHAPE, stem_stride=stride), "unit")
+                  for name, keep, width, stride in grid]
+    num_classes = int(teacher.output_shape[-1])
+    candidates += [(name, dict(keep_blocks=None, width_multiplier=None, stem_stride=None, student=name,
+                               family=spec.family),
+                    lambda spec=spec: spec.build_core(num_classes, IMAGE_SHAPE), spec.input_spec.space)
+                   for name, spec in specs]
+    for name, fields, build, kind in candidates:
         keras.utils.set_random_seed(random_seed)
-        student = models.build_student(keep, width_multiplier=width, input_shape=IMAGE_SHAPE, stem_stride=stride)
+        student = build()
         params, macs = models.count_trainable_params(student), benchmark.count_macs(student)
         for mode in modes + fine_tuned_modes(run_rows.get(name), modes):
-            entry = dict(name=name, role="student", keep_blocks=keep, width_multiplier=width, stem_stride=stride,
+            entry = dict(name=name, role="student", **fields,
                          mode=mode, params=params, macs=macs, weights="random", accuracy=None)
             path, results = _trained_file(run_rows.get(name), mode)
             if path is not None:
@@ -473,8 +519,8 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
                 entry.update(accuracy=measured["accuracy"], accuracy_split=measured["split"],
                              accuracy_examples=measured["num_examples"])
             else:
-                path = random_tflite(student, os.path.join(tflite_dir, f"student_{name}_{mode}.tflite"), mode,
-                                     "unit", num_calibration, random_seed)
+                path = random_tflite(student, os.path.join(tflite_dir, f"student_{file_stem(name)}_{mode}.tflite"),
+                                     mode, kind, num_calibration, random_seed)
             if train:
                 entry["run_status"] = run_rows[name]["status"]
             entry["path"] = os.path.abspath(path)
@@ -540,6 +586,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
         "cwd": os.getcwd(),
         "machine": machine,
         "settings": {"keep_blocks": keep_blocks, "widths": widths, "extra_candidates": extra_candidates,
+                     "student_specs": [name for name, _ in specs],
                      "modes": modes, "train": bool(train),
                      "batch_size": 1, "num_threads": int(num_threads), "warmup_runs": int(warmup_runs),
                      "num_runs": int(num_runs), "isolate": bool(isolate), "random_seed": random_seed,
@@ -566,7 +613,7 @@ def run_latency_sweep(output_dir, keep_blocks, widths, modes, extra_candidates=(
 
 
 def _summary(row):
-    keys = ("name", "keep_blocks", "width_multiplier", "stem_stride", "mode", "params", "macs",
+    keys = ("name", "keep_blocks", "width_multiplier", "stem_stride", "student", "family", "mode", "params", "macs",
             "latency_median_ms", "latency_p90_ms", "speedup_median", "speedup_p90", "accuracy", "accuracy_split")
     return {key: row.get(key) for key in keys}
 

@@ -11,6 +11,13 @@ exported and kept, so a rerun does not redo a finished one. Every ``.tflite`` is
 LiteRT on the whole validation split. ``run_config.json`` records the settings a workdir was started
 with, and a later call with other training settings is refused (``StaleRunError``), so
 a backup is never resumed under different flags.
+
+Before any work, a validation split holding a class the training split lacks is refused
+(:func:`preflight`, ``SplitClassMismatchError``) and the teacher is scored on the validation
+split (:func:`check_teacher`, ``WeakTeacherError`` below its threshold). ``keep``,
+``ema_decay`` and ``warmup_steps`` choose the weights a run ends with and its learning-rate
+ramp (``kdig_tf.selection``, ``kdig_tf.schedules``); ``augment`` its augmentation. The end
+of a run is summarised in ``results.md`` (``kdig_tf.summary``), written just before results.json.
 """
 import kdig_tf  # noqa: F401
 
@@ -23,10 +30,14 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf import data, distiller, loading, models, overlay, records
-from kdig_tf.errors import (CorruptRunFileError, InvalidArgumentError, KdigError, NotAModelError,
-                            ShapeMismatchError, StaleRunError, UnknownKeyError)
-from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none
+from kdig_tf import data, distiller, distribute, guards, loading, locks, mixing, models, overlay, records
+from kdig_tf import logs, schedules, selection, summary, teacher_check
+from kdig_tf.logs import hdf5_on_purpose  # by name: callbacks take an argument named logs
+from kdig_tf.errors import (ChecksumMismatchError, CorruptRunFileError, DivergedError, InconsistentTeachingError,
+                            InvalidArgumentError, KdigError,
+                            NotAModelError, ShapeMismatchError, StaleRunError, UnknownKeyError)
+from kdig_tf.io_utils import (atomic_path, atomic_write_json, holds_files, read_epoch_log, read_json_or_none,
+                              sha256_file)
 
 # method -> (uses KD, uses the IG overlay, uses attention transfer)
 METHODS = {
@@ -41,8 +52,10 @@ METHODS = {
     # Consistent teaching: the frozen teacher runs on the augmented view the student sees,
     # instead of its cached logits of the un-augmented image.
     "kd_online": (True, False, False),
+    # The same with the IG overlay (maps from the store): the teacher scores the overlaid (and mixed) batch.
+    "kd_ig_online": (True, True, False),
 }
-ONLINE_TEACHER_METHODS = ("kd_online",)
+ONLINE_TEACHER_METHODS = ("kd_online", "kd_ig_online")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 RESULTS = "results.json"
@@ -51,11 +64,22 @@ HISTORY = "history.csv"
 STUDENT = "student.h5"
 BACKUP = "backup"
 MACHINES = "machines.json"
+FAILED = "failed.json"  # a run that diverged: why and where; it blocks reruns into the same workdir
 # Settings that do not change what is trained: a run may be continued or re-exported with other values.
-NON_TRAINING_FIELDS = ("verbose", "data_dir", "download", "store_dir", "eval_split", "export_modes", "ig_max_batch")
+NON_TRAINING_FIELDS = ("verbose", "data_dir", "download", "store_dir", "eval_split", "export_modes", "ig_max_batch",
+                       "teacher_min_accuracy", "skip_teacher_check",
+                       "teacher_sha256")
+# Settings that only check the inputs: a finished run is the same run whether or not they were given.
+CHECK_ONLY_FIELDS = ("teacher_sha256", "teacher_min_accuracy", "skip_teacher_check")
 # Training settings added after runs were recorded, with the value those runs had.
-FIELDS_ADDED_LATER = {"stem_stride": 1, "student": "", "image_size": 0, "download": True, "qat_epochs": 0, "qat_learning_rate": 1e-4, "prune_sparsity": 0.0,
-                      "prune_epochs": 1, "prune_learning_rate": 1e-4}
+FIELDS_ADDED_LATER = {"teacher_sha256": "", "stem_stride": 1, "student": "", "image_size": 0, "download": True, "qat_epochs": 0, "qat_learning_rate": 1e-4, "prune_sparsity": 0.0,
+                      "prune_epochs": 1, "prune_learning_rate": 1e-4, "augment": "crop_flip", "keep": "last",
+                      "ema_decay": 0.0, "warmup_steps": 0, "teacher_min_accuracy": 0.0, "skip_teacher_check": False,
+                      "kd_loss": "kl", "kd_weight": -1.0, "dkd_alpha": 1.0, "dkd_beta": 8.0, "mix": "none",
+                      "mix_alpha": 1.0, "distribution": "default", "precision": "float32"}
+# --augment=auto: the CIFAR recipe's crop and flip where it is known to help, nothing elsewhere.
+CROP_FLIP_DATASETS = ("cifar10", "cifar100")
+AUGMENT_CHOICES = ("auto",) + data.AUGMENTATIONS
 # Outputs of the fine-tuning stages that follow the main training.
 QAT_WEIGHTS = "student_qat.weights.h5"
 QAT_TFLITE = "student_qat_int8.tflite"
@@ -118,13 +142,29 @@ class DistillConfig:
     prune_sparsity: float = 0.0
     prune_epochs: int = 1
     prune_learning_rate: float = 1e-4
+    teacher_sha256: str = ""
+    augment: str = "auto"
+    keep: str = "last"
+    ema_decay: float = 0.0
+    warmup_steps: int = 0
+    teacher_min_accuracy: float = 0.0
+    skip_teacher_check: bool = False
+    kd_loss: str = "kl"
+    kd_weight: float = -1.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    mix: str = "none"
+    mix_alpha: float = 1.0
+    distribution: str = "default"
+    precision: str = "float32"
     verbose: int = 1
 
     def validate(self):
         """Raise a named error for any bad setting before anything is written."""
+        guards.require_finite_fields(self)  # range checks below let NaN through (nan <= 0 is False)
         if self.method not in METHODS:
             raise UnknownKeyError(f"unknown method {self.method!r}; known: {sorted(METHODS)}")
-        distiller.KDLoss(self.alpha, self.temperature)
+        self.validate_objective()
         overlay.check_overlay_args(self.p, self.beta, (self.power_low, self.power_high))
         if self.gamma < 0:
             raise InvalidArgumentError(f"gamma must be >= 0, got {self.gamma}")
@@ -171,6 +211,52 @@ class DistillConfig:
             from kdig_tf import export
             if mode not in export.CONVERSION_MODES:
                 raise UnknownKeyError(f"unknown export mode {mode!r}; known: {sorted(export.CONVERSION_MODES)}")
+        if self.teacher_sha256 and not (len(self.teacher_sha256) == 64
+                                        and all(char in "0123456789abcdef" for char in self.teacher_sha256.lower())):
+            raise InvalidArgumentError(f"teacher_sha256 must be 64 hex digits, got {self.teacher_sha256!r}")
+        self.validate_user_data_options()
+
+    def validate_user_data_options(self):
+        """The checks of augment, keep, ema_decay, warmup_steps and the teacher check's threshold."""
+        if self.augment not in AUGMENT_CHOICES:
+            raise UnknownKeyError(f"unknown augment {self.augment!r}; known: {AUGMENT_CHOICES}")
+        selection.check_keep(self.keep)
+        selection.check_ema(self.ema_decay, self.keep)
+        if self.warmup_steps < 0:
+            raise InvalidArgumentError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.teacher_min_accuracy <= 100.0:
+            raise InvalidArgumentError(f"teacher_min_accuracy is a percentage in [0, 100] (0 = 1.5x chance), got "
+                                       f"{self.teacher_min_accuracy}")
+
+    def augmentation(self):
+        """The training augmentation, ``augment`` with ``auto`` resolved: crop_flip for CIFAR, else none."""
+        if self.augment != "auto":
+            return self.augment
+        name = str(self.dataset).split(":")[0].split("/")[0]
+        return "crop_flip" if not data.is_folder_dataset(self.dataset) and name in CROP_FLIP_DATASETS else "none"
+
+    def validate_objective(self):
+        """The checks of the loss (alpha, T, kd_loss and its weights), the mix, distribution and precision."""
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidArgumentError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not (self.kd_weight >= 0 or self.kd_weight == -1.0):
+            raise InvalidArgumentError(f"kd_weight must be >= 0, or -1 for alpha, got {self.kd_weight}")
+        distiller.kd_loss_from_name(self.kd_loss, self.temperature, self.dkd_alpha, self.dkd_beta)
+        mixing.check_mix(self.mix, self.mix_alpha)
+        if self.mix != "none" and self.uses_kd and not self.teacher_online:
+            raise InconsistentTeachingError(
+                f"method {self.method!r} reads cached teacher logits, computed on un-mixed images, so they cannot "
+                f"score the {self.mix} batch the student sees: use an online teacher "
+                f"({', '.join(ONLINE_TEACHER_METHODS)}) or --mix=none")
+        distribute.check_strategy(self.distribution)
+        distribute.check_precision(self.precision)
+
+    @property
+    def kd_weight_effective(self):
+        """The KD term's weight: kd_weight, or alpha when kd_weight is -1; 0 for methods without KD."""
+        if not self.uses_kd:
+            return 0.0
+        return self.alpha if self.kd_weight == -1.0 else self.kd_weight
 
     def modes(self):
         return [mode.strip() for mode in (self.export_modes or "").split(",") if mode.strip()]
@@ -201,7 +287,7 @@ class DistillConfig:
 # One line of help per DistillConfig field: the text of the matching scripts/distill.py flag.
 FIELD_HELP = {
     "method": "student | kd | ig | kd_ig | at | kd_at | ig_at | kd_ig_at | kd_online (the teacher runs on each "
-              "augmented batch instead of its cached logits).",
+              "augmented batch instead of its cached logits) | kd_ig_online (the same with the IG overlay).",
     "teacher": "Teacher: any Keras classifier taking pixels in [0, 255] (.keras, .h5 or a SavedModel dir), or "
                "a kdig_tf/authors' MobileNetV2 (.h5, .pt), which is given its CIFAR normalisation.",
     "student": "Student: a built-in spec such as mobilenetv2:keep=14,width=1.0,stem_stride=1, or a Keras model file "
@@ -217,7 +303,7 @@ FIELD_HELP = {
     "eval_split": "Optional extra split to report (e.g. a final test report).",
     "subset_fraction": "Train on a class-stratified random fraction of train_split (Monte Carlo protocol).",
     "subset_seed": "Seed of the stratified subset.",
-    "alpha": "Weight of the KD term: alpha*T^2*KL + (1-alpha)*CE.",
+    "alpha": "The paper's loss alpha*T^2*KL + (1-alpha)*CE: the CE weighs 1-alpha, the KD term alpha (or kd_weight).",
     "temperature": "Distillation temperature T (> 0).",
     "p": "Probability of overlaying the IG map on an image.",
     "beta": "Overlay weight: x <- (1-beta) x + beta m.",
@@ -253,6 +339,35 @@ FIELD_HELP = {
                       "fine-tuning with the KD loss; exported as student_pruned_<mode>.tflite (0 = no pruning).",
     "prune_epochs": "Fine-tuning epochs of the pruned copy (the sparsity ramps up over them).",
     "prune_learning_rate": "Constant Adam learning rate of the pruning fine-tuning.",
+    "teacher_sha256": "sha256 of the teacher file (e.g. from its model card): refuse a teacher whose bytes differ "
+                      "('' = not checked).",
+    "augment": "Training augmentation: crop_flip | crop | flip | none | auto. The crop pads by an eighth of the image "
+               "size (4 px at 32 px). auto (default) = crop_flip for cifar10/cifar100, where it is the known recipe, "
+               "and none for any other data: a mirrored or shifted image is not always the same class (digits, text, "
+               "medical scans), and a small dataset trained without augmentation is a safe baseline.",
+    "keep": "Weights the run ends with: last (the last epoch) or best (the epoch with the best validation accuracy; "
+            "results.json states the selection bias).",
+    "ema_decay": "If > 0, end with an exponential moving average of the weights with this decay (e.g. 0.99); "
+                 "not with keep=best.",
+    "warmup_steps": "Optimizer steps of linear learning-rate warm-up before the schedule (0 = none).",
+    "teacher_min_accuracy": "Refuse a teacher below this validation accuracy in percent (WeakTeacherError); 0 = 1.5x "
+                            "chance. Judged only on a validation split large enough to tell.",
+    "skip_teacher_check": "Distil even from a teacher the check finds weak (it is still measured and reported).",
+    "kd_loss": "The KD term: kl (T^2 * KL at temperature T) | kl_standardized (KL of z-scored logits, base "
+               "temperature T) | dkd (decoupled KD: dkd_alpha * TCKD + dkd_beta * NCKD, at T).",
+    "kd_weight": "Weight of the KD term: the loss is (1-alpha)*CE + kd_weight*KD (+ gamma*AT). -1 (default): alpha, "
+                 "the paper's alpha*KD + (1-alpha)*CE. E.g. --alpha=0.9 --kd_weight=9 is CE 0.1 + KD 9.",
+    "dkd_alpha": "DKD weight of the target-class term (TCKD); only with --kd_loss=dkd.",
+    "dkd_beta": "DKD weight of the non-target-class term (NCKD); only with --kd_loss=dkd.",
+    "mix": "none | mixup | cutmix of each training batch (after augmentation and the IG overlay), with mixed labels "
+           "for the CE. Needs an online teacher for KD (kd_online, kd_ig_online): cached logits are refused.",
+    "mix_alpha": "Strength of the mix: the mixing weight is drawn from Beta(mix_alpha, mix_alpha) per image.",
+    "distribution": "default (one device) | mirrored (the GPUs of this machine) | multi_worker (the machines of "
+                    "TF_CONFIG; the chief writes the outputs) | tpu. batch_size is the global batch; the learning "
+                    "rate is not rescaled.",
+    "precision": "float32 | mixed_float16 (loss scaling) | mixed_bfloat16 for the student's layers (built-in "
+                 "student specs; a --student model file keeps its saved types). Logits and losses stay float32; "
+                 "student.h5 is saved in float32.",
     "verbose": "Keras verbosity: 1 = progress bar, 2 = one line per epoch.",
 }
 
@@ -344,11 +459,14 @@ def stratified_indices(labels, fraction, seed):
     return np.sort(np.concatenate(chosen))
 
 
-def plain_training_dataset(ds, batch_size, seed=0, keep=None, epochs=None, initial_epoch=0):
-    """(input, label, id) batches with the same crop/flip as the store pipeline, no targets.
+def plain_training_dataset(ds, batch_size, seed=0, keep=None, epochs=None, initial_epoch=0, augment="crop_flip",
+                           mix=None):
+    """(input, label, id) batches with the same augmentation as the store pipeline, no targets.
 
-    ``epochs``/``initial_epoch`` as in :func:`kdig_tf.overlay.seeded_epochs`.
+    ``epochs``/``initial_epoch`` as in :func:`kdig_tf.overlay.seeded_epochs`; ``augment`` is
+    one of ``data.AUGMENTATIONS``; ``mix`` a :class:`kdig_tf.mixing.Mix` (labels become distributions).
     """
+    data.check_augmentation(augment)
     num_examples = data.count_examples(ds)
     if keep is not None:
         table = overlay.index_mask(keep, num_examples)
@@ -357,12 +475,14 @@ def plain_training_dataset(ds, batch_size, seed=0, keep=None, epochs=None, initi
     batches = overlay.seeded_epochs(ds, batch_size, seed, shuffle_buffer=num_examples, epochs=epochs,
                                     initial_epoch=initial_epoch)
 
-    def augment(batch, batch_seed):
+    def augmented(batch, batch_seed):
         images, labels, ids = batch
         crop_seed, _ = overlay.split_batch_seed(batch_seed)
-        inputs = overlay.crop_flip_batch(tf.cast(images, tf.float32) / 255.0, crop_seed)
+        inputs = data.augment_batch(tf.cast(images, tf.float32) / 255.0, crop_seed, augment)
+        if mix is not None:
+            inputs, labels = mix(inputs, labels, batch_seed)
         return inputs, labels, ids
-    return batches.map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return batches.map(augmented, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def resume_epoch(backup_dir):
@@ -387,13 +507,14 @@ def _subset_keep(config, store, raw_train):
 
 
 def _optimizer(config, steps_per_epoch):
-    learning_rate = config.learning_rate
-    if config.lr_schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(config.learning_rate,
-                                                               config.epochs * steps_per_epoch)
+    learning_rate = schedules.learning_rate(config.learning_rate, config.lr_schedule, config.epochs * steps_per_epoch,
+                                            config.warmup_steps)
+    # The weight average lives in the optimizer's variables, so BackupAndRestore checkpoints it.
+    ema = {"use_ema": True, "ema_momentum": config.ema_decay} if config.ema_decay > 0 else {}
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate, weight_decay=config.weight_decay or None)
-    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+        return keras.optimizers.Adam(learning_rate, weight_decay=config.weight_decay or None, **ema)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None,
+                                **ema)
 
 
 def evaluate_student(student_model, config, split):
@@ -405,14 +526,15 @@ def evaluate_student(student_model, config, split):
     return scores["accuracy"], scores["num_examples"]
 
 
-def distiller_batches(ds):
+def distiller_batches(ds, cached_logits=True):
     """Pipeline batches -> the Distiller's ``({"images", ["teacher_logits",] "example_id"}, labels)``.
 
     Takes ``(images, labels, ids)`` (plain pipeline) or ``(images, labels, logits, ids)`` (store).
+    ``cached_logits=False`` drops the store's logits: the teacher then scores each batch online.
     """
     def to_inputs(images, labels, *rest):
         inputs = {distiller.IMAGES: images, distiller.EXAMPLE_ID: rest[-1]}
-        if len(rest) == 2:
+        if len(rest) == 2 and cached_logits:
             inputs[distiller.TEACHER_LOGITS] = rest[0]
         return inputs, labels
     return ds.map(to_inputs)
@@ -464,7 +586,7 @@ class SaveStudentAtEnd(keras.callbacks.Callback):
         self.path = path
 
     def on_train_end(self, logs=None):
-        with atomic_path(self.path) as tmp:
+        with atomic_path(self.path) as tmp, hdf5_on_purpose():
             self.model.save_student(tmp)
 
 
@@ -472,7 +594,15 @@ def training_settings(config, teacher_hash=None):
     """What a run's trained student depends on: every setting but NON_TRAINING_FIELDS, plus the teacher."""
     settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in NON_TRAINING_FIELDS}
     settings["teacher_sha256"] = teacher_hash
+    settings["augment"] = config.augmentation()  # what auto meant for this dataset is what was trained
     return settings
+
+
+def _with_resolved_augment(flags):
+    """A flags dict with ``augment=auto`` replaced by what it means for its dataset."""
+    if flags.get("augment") != "auto":
+        return flags
+    return dict(flags, augment=DistillConfig(dataset=flags.get("dataset", DistillConfig.dataset)).augmentation())
 
 
 def claim_workdir(workdir, settings):
@@ -486,6 +616,15 @@ def claim_workdir(workdir, settings):
                                 "use a new --workdir or delete it")
         atomic_write_json(path, settings)
         return
+    changes = settings_changes(workdir, settings)
+    if changes:
+        raise StaleRunError(f"{workdir} was started with other settings ({'; '.join(changes)}); "
+                            "use a new --workdir or delete it")
+
+
+def settings_changes(workdir, settings):
+    """["key: recorded -> now", ...] between a workdir's recorded training settings and ``settings``."""
+    path = os.path.join(workdir, RUN_CONFIG)
     try:
         with open(path) as handle:
             recorded = json.load(handle)
@@ -494,11 +633,8 @@ def claim_workdir(workdir, settings):
     # A run recorded before a setting existed was trained with that setting's default.
     recorded = dict({key: value for key, value in FIELDS_ADDED_LATER.items() if key not in NON_TRAINING_FIELDS},
                     **recorded)
-    changes = [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
-               for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
-    if changes:
-        raise StaleRunError(f"{workdir} was started with other settings ({'; '.join(changes)}); "
-                            "use a new --workdir or delete it")
+    return [f"{key}: {recorded.get(key)!r} -> {settings.get(key)!r}"
+            for key in sorted(set(recorded) | set(settings)) if recorded.get(key) != settings.get(key)]
 
 
 def read_training_machines(workdir):
@@ -533,16 +669,25 @@ def _finished_results(workdir, config):
     results = read_json_or_none(os.path.join(workdir, RESULTS))
     if results is None or not isinstance(results.get("flags"), dict):
         return None
-    return results if dict(FIELDS_ADDED_LATER, **results["flags"]) == dataclasses.asdict(config) else None
+    recorded, asked = dict(FIELDS_ADDED_LATER, **results["flags"]), dataclasses.asdict(config)
+    recorded, asked = _with_resolved_augment(recorded), _with_resolved_augment(asked)
+    for key in CHECK_ONLY_FIELDS:
+        recorded.pop(key, None), asked.pop(key, None)
+    return results if recorded == asked else None
 
 
-def _distiller(config, teacher, student_model):
-    """The Distiller of ``config``'s method; attention transfer layers by flag or by matching sizes."""
+def _distiller(config, teacher, student_model, attention=True):
+    """The Distiller of ``config``'s method; attention transfer layers by flag or by matching sizes.
+
+    ``attention=False`` leaves attention transfer out (the fine-tuning stages).
+    """
     alpha, _, gamma = config.effective()
     at_layers = None
     if config.at_teacher_layer and config.at_student_layer:
         at_layers = (config.at_teacher_layer, config.at_student_layer)
-    return distiller.paper_distiller(teacher, student_model, alpha, config.temperature, gamma, at_layers)
+    kd_loss = distiller.kd_loss_from_name(config.kd_loss, config.temperature, config.dkd_alpha, config.dkd_beta)
+    return distiller.paper_distiller(teacher, student_model, alpha, config.temperature, gamma if attention else 0.0,
+                                     at_layers, kd_weight=config.kd_weight_effective, kd_loss=kd_loss)
 
 
 def _teacher_params(config, teacher):
@@ -562,8 +707,157 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
 
     An identical finished run in ``workdir`` is returned as it is. ``extra_callbacks`` are
     appended to ``fit``'s callbacks (e.g. for notebooks or tests).
+
+    The workdir is locked for the whole call: another process gets ``WorkdirBusyError``.
+    Training stops with ``DivergedError`` at the first non-finite loss or weight; no student
+    or export is written, ``failed.json`` records where, and later calls into the workdir are
+    refused. A full disk raises ``OutOfSpaceError`` and leaves the run resumable.
     """
     config.validate()
+    # Made before TensorFlow runs anything: a multi-worker strategy configures its collectives once.
+    strategy = distribute.make_strategy(config.distribution)
+    if not distribute.is_chief(strategy):
+        return _run_as_worker(config, workdir, strategy, progress, extra_callbacks)
+    with locks.DirLock(workdir, what="workdir", remove_empty=True):
+        refuse_diverged_run(workdir)
+        check_teacher_sha256(config)
+        with guards.disk_full_as_error(workdir, lambda: space_needed(config, workdir)):
+            try:
+                return _run_locked(config, workdir, progress, extra_callbacks, strategy)
+            except DivergedError as err:
+                raise record_divergence(workdir, err) from err
+
+
+# What to lower after a divergence, per stage of a run.
+DIVERGENCE_ADVICE = {"training": "--learning_rate", "fine-tuning": "--qat_learning_rate / --prune_learning_rate"}
+
+
+def record_divergence(workdir, err):
+    """Write ``failed.json`` for a DivergedError; return the error to raise, saying what to do."""
+    advice = (f"start a new --workdir with a lower {DIVERGENCE_ADVICE.get(err.stage, '--learning_rate')} "
+              f"(or delete {workdir})")
+    atomic_write_json(os.path.join(workdir, FAILED), {
+        "error": type(err).__name__, "message": str(err), "stage": err.stage, "epoch": err.epoch, "step": err.step,
+        "advice": advice, "failed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return DivergedError(f"{err}; recorded in {os.path.join(workdir, FAILED)}: {advice}", epoch=err.epoch,
+                         step=err.step, stage=err.stage)
+
+
+def refuse_diverged_run(workdir):
+    """Raise DivergedError if ``workdir`` holds a run that diverged (it would diverge again)."""
+    path = os.path.join(workdir, FAILED)
+    if not os.path.exists(path):
+        return
+    record = read_json_or_none(path) or {}
+    raise DivergedError(f"{workdir} holds a run that diverged ({record.get('message', 'see ' + path)}); "
+                        f"rerunning it would diverge again: {record.get('advice', 'start a new --workdir')}",
+                        epoch=record.get("epoch"), step=record.get("step"), stage=record.get("stage"))
+
+
+def check_teacher_sha256(config):
+    """Raise ChecksumMismatchError if ``config.teacher_sha256`` is given and the teacher file differs."""
+    if not config.teacher_sha256 or not (config.uses_kd or config.uses_ig or config.uses_at):
+        return
+    if not os.path.exists(config.teacher):
+        return  # load_teacher names the missing teacher
+    if not os.path.isfile(config.teacher):
+        raise InvalidArgumentError(f"--teacher_sha256 needs a teacher file, {config.teacher} is a directory")
+    found = sha256_file(config.teacher)
+    if found != config.teacher_sha256.lower():
+        raise ChecksumMismatchError(f"teacher {config.teacher} has sha256 {found}, not {config.teacher_sha256} as "
+                                    "--teacher_sha256 says: the file was changed or replaced; restore it (its model "
+                                    "card gives the sha256) or drop --teacher_sha256")
+
+
+def space_needed(config, workdir):
+    """About how many bytes a run still writes, for OutOfSpaceError (None if nothing hints at it).
+
+    The student's size comes from student.h5, else its backup checkpoint (weights and two
+    optimizer slots), else the teacher file (a compressed student is smaller). A run writes
+    a checkpoint, student.h5 and one file per export.
+    """
+    student = os.path.join(workdir, STUDENT)
+    backup = os.path.join(workdir, BACKUP)
+    backup_bytes = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(backup)
+                       for name in names)
+    if os.path.isfile(student):
+        model_bytes = os.path.getsize(student)
+    elif backup_bytes:
+        model_bytes = backup_bytes // 3
+    elif config.teacher and os.path.isfile(config.teacher):
+        model_bytes = os.path.getsize(config.teacher)
+    else:
+        return None
+    return model_bytes * (4 + len(config.modes()))
+
+
+def preflight(config, class_names=None):
+    """Checks that need only the splits' labels, made before any work; returns warnings about the run.
+
+    Raises SplitClassMismatchError if the validation split holds a class the training split
+    lacks (or holds a handful of), and InvalidArgumentError for a weight average too slow for
+    the run's length; warns (returns sentences) when the run has too few optimizer steps.
+    """
+    labels = {split: data.split_labels(config.dataset, split, config.data_dir, download=config.download)
+              for split in {config.train_split, config.val_split}}
+    data.check_split_classes(labels[config.train_split], labels[config.val_split], class_names, config.train_split,
+                             config.val_split)
+    num_train = len(labels[config.train_split])
+    if config.subset_fraction < 1.0:
+        num_train = len(stratified_indices(labels[config.train_split], config.subset_fraction, config.subset_seed))
+    total_steps = config.epochs * -(-num_train // config.batch_size)
+    selection.check_ema(config.ema_decay, config.keep, total_steps)
+    found = selection.step_warnings(total_steps, config.epochs, num_train, config.batch_size)
+    for warning in found:
+        logs.warn(warning)
+    return found
+
+
+def check_store_holds_split(store, config):
+    """Raise StoreMismatchError if a folder dataset's store holds other images than its training split.
+
+    The store's manifest names the split (``train[:90%]``), not the images: a store built
+    before folder splits were cut from their hashed, stratified order holds another slice,
+    which may overlap the validation split.
+    """
+    if not data.is_folder_dataset(config.dataset):
+        return  # a tfds split is the same images as when its store was built
+    stored = {example_id.decode() if isinstance(example_id, bytes) else example_id for example_id in store.verify_ids()}
+    wanted = set(data.folder_split_ids(config.dataset, config.train_split))
+    if stored != wanted:
+        raise records.StoreMismatchError(
+            f"store {store.store_dir} holds {len(stored - wanted)} images that are not in split {config.train_split!r} "
+            f"of {config.dataset} (and lacks {len(wanted - stored)} that are): it was built from another cut of the "
+            "folder (folder splits are now cut from a fixed, stratified order); delete it or give a new --store_dir")
+
+
+def check_teacher(config, teacher, teacher_hash, workdir, num_classes, progress=True):
+    """The teacher's accuracy on the validation split (cached in teacher_check.json); WeakTeacherError if weak."""
+    val_raw, _ = load_split(config, config.val_split)
+    key = {"teacher_fingerprint": teacher_hash, "dataset": config.dataset, "val_split": config.val_split,
+           "image_size": config.image_size}
+    record = teacher_check.check_teacher(teacher, val_raw, num_classes, workdir, key, config.teacher_min_accuracy,
+                                         config.skip_teacher_check, progress)
+    if progress:
+        print(teacher_check.describe(record), flush=True)
+    return record
+
+
+def _run_as_worker(config, workdir, strategy, progress, extra_callbacks):
+    """A non-chief worker of a multi-worker run: the chief's run in lockstep, with the chief's backup
+    (BackupAndRestore reads it on every worker), every other output in a temporary directory."""
+    refuse_diverged_run(workdir)  # what stops the chief before training stops this worker too
+    check_teacher_sha256(config)
+    finished = _finished_results(workdir, config)
+    if finished is not None:
+        return finished
+    with distribute.worker_workdir(workdir, strategy) as own_workdir:
+        return _run_locked(config, own_workdir, progress, extra_callbacks, strategy, shared_workdir=workdir)
+
+
+def _run_locked(config, workdir, progress, extra_callbacks, strategy=None, shared_workdir=None):
+    """:func:`run_distillation` once ``workdir`` is locked; ``shared_workdir`` holds the backup if not ``workdir``."""
+    strategy = strategy or distribute.make_strategy("default")
     finished = _finished_results(workdir, config)
     if finished is not None:
         return _reexport_if_missing(finished, config, workdir)
@@ -572,6 +866,7 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     _, info = load_split(config, config.val_split)  # fail early on bad data
     num_classes = data.num_classes(info)
     image_shape = data_image_shape(info, config)
+    run_warnings = preflight(config, data.class_names(info))
     if config.qat_epochs > 0:
         check_qat_supported(config, num_classes, image_shape)  # the student is seeded again before it is built
     started = time.time()
@@ -590,9 +885,16 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     teacher_hash = None if teacher is None else records.weights_fingerprint(teacher)
     os.makedirs(workdir, exist_ok=True)
     claim_workdir(workdir, training_settings(config, teacher_hash))
+    if shared_workdir and os.path.exists(os.path.join(shared_workdir, RUN_CONFIG)):
+        # Reads only: the run in the chief's workdir must be this one.
+        claim_workdir(shared_workdir, training_settings(config, teacher_hash))
+    checked_teacher = None if teacher is None else check_teacher(config, teacher, teacher_hash, workdir, num_classes,
+                                                                 progress)
     if (config.uses_kd and not config.teacher_online) or config.uses_ig:
         store = ensure_store(config, teacher, config.store_dir or os.path.join(workdir, "store"), progress,
                              teacher_hash)
+        store.check_fits(num_classes, image_shape)
+        check_store_holds_split(store, config)
     store_seconds = time.time() - started
     raw_train = None if store is not None else load_split(config, config.train_split)[0]
     keep = _subset_keep(config, store, raw_train)
@@ -605,7 +907,8 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     val_raw, _ = load_split(config, config.val_split)
     student_path = os.path.join(workdir, STUDENT)
     history_path = os.path.join(workdir, HISTORY)
-    backup_dir = os.path.join(workdir, BACKUP)
+    backup_dir = os.path.join(shared_workdir or workdir, BACKUP)
+    mix = mixing.make_mix(config.mix, config.mix_alpha, num_classes)
 
     if os.path.exists(student_path):  # trained by an earlier call with these settings (checked above)
         student_model = loading.load_pixel_model(student_path)
@@ -615,35 +918,49 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         # The input stream starts where BackupAndRestore will resume, so a resumed run trains
         # on exactly the batches an uninterrupted one would have.
         first_epoch = resume_epoch(backup_dir)
+        read_epoch_log(history_path)  # a damaged log is refused (CorruptRunFileError) before training, not after
         if store is not None:
             train_ds = overlay.training_dataset(
                 store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
                 seed=config.seed, paper_mode=config.paper_overlay, cached_targets_order=config.cached_targets_order,
-                keep_indices=keep, epochs=config.epochs, initial_epoch=first_epoch)
+                keep_indices=keep, epochs=config.epochs, initial_epoch=first_epoch, augment=config.augmentation(),
+                mix=mix)
         else:
             train_ds = plain_training_dataset(raw_train, config.batch_size, config.seed, keep, epochs=config.epochs,
-                                              initial_epoch=first_epoch)
-        # Without cached logits in a batch the Distiller asks the teacher (kd_online).
-        train_ds = distiller_batches(train_ds)
-        val_ds = validation_dataset(val_raw, teacher if alpha > 0 else None)
-        # Reseeded here because loading the teacher and building the store consume random
-        # ops: every arm of a campaign then starts from the same weights for the same seed
-        # (and sees the same batches), so arms can be compared seed by seed.
-        keras.utils.set_random_seed(config.seed)
-        model = _distiller(config, teacher if gamma > 0 or config.teacher_online else None,
-                           build_student_model(config, num_classes, image_shape))
-        student_model = model.student_model
-        model.compile(optimizer=_optimizer(config, steps_per_epoch))
-        model(tf.zeros((1,) + tuple(model.student.input_shape[1:])))  # BackupAndRestore needs a built model
+                                              initial_epoch=first_epoch, augment=config.augmentation(), mix=mix)
+        # Without cached logits in a batch the Distiller asks the teacher (kd_online, kd_ig_online).
+        train_ds = distribute.shard_by_data(distiller_batches(train_ds, not config.teacher_online), strategy)
+        val_ds = distribute.shard_by_data(
+            validation_dataset(val_raw, teacher if config.kd_weight_effective > 0 else None), strategy)
+        online_teacher = teacher if gamma > 0 or config.teacher_online else None
+        # Models and optimizer are made in the strategy's scope (batch_size stays the global batch).
+        with strategy.scope():
+            if online_teacher is not None and config.distribution != "default":
+                online_teacher = load_teacher(config.teacher, num_classes)  # its variables too, before the seed
+            # Reseeded here because loading the teacher and building the store consume random
+            # ops: every arm of a campaign then starts from the same weights for the same seed
+            # (and sees the same batches), so arms can be compared seed by seed.
+            keras.utils.set_random_seed(config.seed)
+            with distribute.precision_policy(config.precision):
+                model = _distiller(config, online_teacher, build_student_model(config, num_classes, image_shape))
+            student_model = model.student
+            model.compile(optimizer=_optimizer(config, steps_per_epoch), metrics=[distiller.LabelAccuracy()])
+            model(tf.zeros((1,) + tuple(model.student.input_shape[1:])))  # BackupAndRestore needs a built model
         record_training_machine(workdir, first_epoch)
         # Order matters. The timer writes into the logs CSVLogger reads. An epoch is logged
         # before it is backed up, so a kill in between makes a duplicate row (read_epoch_log
         # keeps the later one), never a missing one. The student is saved before
-        # BackupAndRestore removes the backup at the end of training.
-        callbacks = [EpochTimer(), SaveStudentAtEnd(student_path), keras.callbacks.CSVLogger(history_path, append=True),
+        # BackupAndRestore removes the backup at the end of training. The divergence guard
+        # comes before all three, so a non-finite epoch is neither logged, backed up nor saved.
+        # KeepBestWeights restores the best epoch before the student is saved.
+        keep_best = [selection.KeepBestWeights(workdir, fresh=first_epoch == 0)] if config.keep == "best" else []
+        callbacks = [EpochTimer(), guards.DivergenceGuard(), *keep_best, SaveStudentAtEnd(student_path),
+                     keras.callbacks.CSVLogger(history_path, append=True),
                      keras.callbacks.BackupAndRestore(backup_dir), *extra_callbacks]
         model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
                   callbacks=callbacks, verbose=config.verbose if progress else 0)
+        if config.distribution != "default" or config.precision != "float32":
+            student_model = loading.load_pixel_model(student_path)  # float32, outside the strategy: for eval and export
     history = read_epoch_log(history_path)
     val_accuracy, num_val = evaluate_student(student_model, config, config.val_split)
     student_params = models.count_trainable_params(student_model)
@@ -669,6 +986,11 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
         "epochs_logged": len(history.get("epoch", [])),
         "machines": read_training_machines(workdir),
         "flags": dataclasses.asdict(config),
+        "augment": config.augmentation(),
+        "teacher_check": checked_teacher,
+        "selection": selection.selection_record(config.keep, workdir, len(history.get("epoch", [])), config.val_split,
+                                                config.ema_decay),
+        "warnings": run_warnings,
     }
     if config.eval_split:
         results["eval_accuracy"], results["num_eval"] = evaluate_student(student_model, config, config.eval_split)
@@ -676,10 +998,11 @@ def run_distillation(config, workdir, progress=True, extra_callbacks=()):
     student, spec = models.split_preprocessing(student_model)
     val = validation_arrays(val_raw, config.val_split, spec)
     results["tflite"] = _export(student, spec, config, workdir, info, val=val)
-    source = TrainingSource(config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress)
+    source = TrainingSource(config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress, mix)
     exports, stages = _compression_stages(student, spec, config, workdir, val, info, source)
     results["tflite"].update(exports)
     results.update(stages)
+    summary.write_markdown(results, workdir)  # before results.json, which marks a finished run
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 
@@ -705,6 +1028,7 @@ def _reexport_if_missing(results, config, workdir):
         tflite.update(_export(student, spec, config, workdir, info, val=val))
     exports, stages = _compression_stages(student, spec, config, workdir, val, info, source=None)
     results = dict(results, tflite=dict(tflite, **exports), **stages)
+    summary.write_markdown(results, workdir)
     atomic_write_json(os.path.join(workdir, RESULTS), results)
     return results
 
@@ -743,8 +1067,10 @@ def _export(student, spec, config, workdir, info, check_images=512, val=None):
     if not config.modes():
         return {}
     representative = _representative(config, spec) if "int8" in config.modes() else None
+    from tqdm.auto import tqdm
+
     exported = {}
-    for mode in config.modes():
+    for mode in tqdm(config.modes(), desc="TFLite export + scoring", unit="file", disable=not config.verbose):
         path = os.path.join(workdir, f"student_{mode}.tflite")
         _convert(student, spec, path, mode, info, representative)
         exported[mode] = score_export(student, path, val, check_images)
@@ -819,9 +1145,9 @@ class TrainingSource:
     transfer is left out: tfmot's wrappers rename the layers it reads.
     """
 
-    def __init__(self, config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress=True):
+    def __init__(self, config, teacher, store, raw_train, keep, steps_per_epoch, spec, progress=True, mix=None):
         self.config, self.teacher, self.store, self.spec = config, teacher, store, spec
-        self.raw_train, self.keep = raw_train, keep
+        self.raw_train, self.keep, self.mix = raw_train, keep, mix
         self.steps_per_epoch, self.progress = steps_per_epoch, progress
 
     def dataset(self, seed, epochs):
@@ -832,20 +1158,22 @@ class TrainingSource:
             ds = overlay.training_dataset(
                 self.store, config.batch_size, p=p, beta=config.beta, power_range=(config.power_low, config.power_high),
                 seed=seed, paper_mode=config.paper_overlay, cached_targets_order=config.cached_targets_order,
-                keep_indices=self.keep, epochs=epochs)
+                keep_indices=self.keep, epochs=epochs, augment=config.augmentation(), mix=self.mix)
         else:
-            ds = plain_training_dataset(self.raw_train, config.batch_size, seed, self.keep, epochs=epochs)
-        ds = distiller_batches(ds)
+            ds = plain_training_dataset(self.raw_train, config.batch_size, seed, self.keep, epochs=epochs,
+                                        augment=config.augmentation(), mix=self.mix)
+        ds = distiller_batches(ds, not config.teacher_online)
         return ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch * epochs))
 
     def fit(self, model, dataset, epochs, learning_rate, callbacks=()):
         """Train the network ``model`` in place on ``dataset`` (from :meth:`dataset`) with the run's KD loss."""
-        alpha = self.config.effective()[0]
-        teacher = self.teacher if alpha > 0 and self.config.teacher_online else None  # else logits are cached
+        online = self.config.kd_weight_effective > 0 and self.config.teacher_online
+        teacher = self.teacher if online else None  # else logits are cached
         model = models.with_preprocessing(model, self.spec)
-        trainer = distiller.paper_distiller(teacher, model, alpha, self.config.temperature)
-        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate))
-        trainer.fit(dataset, epochs=epochs, steps_per_epoch=self.steps_per_epoch, callbacks=list(callbacks),
+        trainer = _distiller(self.config, teacher, model, attention=False)
+        trainer.compile(optimizer=keras.optimizers.Adam(learning_rate), metrics=[distiller.LabelAccuracy()])
+        trainer.fit(dataset, epochs=epochs, steps_per_epoch=self.steps_per_epoch,
+                    callbacks=[guards.DivergenceGuard("fine-tuning"), *callbacks],
                     verbose=self.config.verbose if self.progress else 0)
         return model
 

@@ -17,11 +17,19 @@ the overlay; reading it with an overlay probability p > 0 raises :class:`Missing
 
 A shard is written under a temporary name and renamed when complete, then its sidecar
 JSON is written. A rerun skips every shard whose sidecar matches the settings, so a
-killed run resumes without recomputing. ``shard_index``/``num_workers`` split the shards
-across processes or machines; :func:`finalize_store` then merges the sidecars.
+killed run resumes without recomputing; a sidecar that cannot be read marks its shard as
+not done, and the leftover temporary files of a killed writer are removed. A full disk
+raises :class:`~kdig_tf.errors.OutOfSpaceError` and keeps every finished shard.
+``shard_index``/``num_workers`` split the shards across processes or machines;
+:func:`finalize_store` then merges the sidecars.
+
+A writer holds a lock in the store directory (``.lock``; ``.lock-<i>-of-<n>`` for worker
+``i`` of ``n``), so the same command started twice gets
+:class:`~kdig_tf.errors.WorkdirBusyError` instead of two processes writing one shard.
 """
 import kdig_tf  # noqa: F401
 
+import glob
 import hashlib
 import json
 import os
@@ -31,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from kdig_tf import attribution, data, loading, models
+from kdig_tf import attribution, data, guards, loading, locks, models
 from kdig_tf.errors import InvalidArgumentError, KdigError, ShapeMismatchError
 from kdig_tf.io_utils import atomic_path, atomic_write_json, sha256_file
 
@@ -39,6 +47,8 @@ STORE_VERSION = 1
 MANIFEST = "manifest.json"
 NO_MAPS = "none"  # the map encoding of a logits-only store
 MAP_ENCODINGS = ("float16", "uint8", NO_MAPS)
+MAP_BYTES_PER_PIXEL = {"float16": 2, "uint8": 1, NO_MAPS: 0}
+TMP_PREFIX = ".tmp-"  # io_utils.atomic_path's temporary names; a killed writer leaves them behind
 
 
 class StoreError(KdigError):
@@ -256,31 +266,61 @@ def precompute_store(store_dir, teacher_targets, teacher_hash, dataset="cifar10"
     settings["num_classes"] = int(teacher_targets.teacher.output_shape[-1])
     settings["examples_per_shard"] = examples_per_shard
     num_shards = -(-total // examples_per_shard)
-    os.makedirs(store_dir, exist_ok=True)
-    _refuse_foreign_store(store_dir, settings)
-
     owned = [shard for shard in range(num_shards) if shard % num_workers == shard_index]
-    todo = [shard for shard in owned if not _shard_done(store_dir, shard, num_shards, settings)]
-    what = "IG+logits" if teacher_targets.with_maps else "logits"
-    bar = tqdm(total=sum(min(examples_per_shard, total - s * examples_per_shard) for s in todo),
-               unit="img", desc=f"{what} ({len(todo)}/{len(owned)} shards to do)", disable=not progress)
-    for shard in todo:
-        start = shard * examples_per_shard
-        count = min(examples_per_shard, total - start)
-        _write_shard(store_dir, shard, num_shards, ds.skip(start).take(count), start, count,
-                     teacher_targets, batch_size, settings, bar)
-    bar.close()
-    if num_workers == 1:
-        finalize_store(store_dir)
+    with locks.DirLock(store_dir, name=store_lock_name(shard_index, num_workers), what="store"):
+        # A single writer owns every temporary file in the store; a worker only those of its shards.
+        remove_orphans(store_dir, None if num_workers == 1 else [shard_name(shard, num_shards) for shard in owned])
+        _refuse_foreign_store(store_dir, settings)
+        todo = [shard for shard in owned if not _shard_done(store_dir, shard, num_shards, settings)]
+        counts = [min(examples_per_shard, total - shard * examples_per_shard) for shard in todo]
+        what = "IG+logits" if teacher_targets.with_maps else "logits"
+        bar = tqdm(total=sum(counts), unit="img", desc=f"{what} ({len(todo)}/{len(owned)} shards to do)",
+                   disable=not progress)
+        with guards.disk_full_as_error(store_dir, lambda: estimated_bytes(settings, sum(counts))):
+            for shard in todo:
+                start = shard * examples_per_shard
+                count = min(examples_per_shard, total - start)
+                _write_shard(store_dir, shard, num_shards, ds.skip(start).take(count), start, count,
+                             teacher_targets, batch_size, settings, bar)
+                counts.pop(0)
+            bar.close()
+            if num_workers == 1:
+                _finalize(store_dir)
     return settings
+
+
+def store_lock_name(shard_index=0, num_workers=1):
+    """The lock file of a store writer: one for a single writer, one per worker otherwise."""
+    return locks.LOCK_FILE if num_workers == 1 else f"{locks.LOCK_FILE}-{shard_index}-of-{num_workers}"
+
+
+def remove_orphans(store_dir, shard_names=None):
+    """Delete temporary files a killed writer left in ``store_dir`` (only those of ``shard_names`` if given).
+
+    Call it holding the store's lock: a live writer's temporary file must not be removed.
+    """
+    patterns = [TMP_PREFIX + "*"] if shard_names is None else [f"{TMP_PREFIX}{name}-*" for name in shard_names]
+    removed = sorted({path for pattern in patterns for path in glob.glob(os.path.join(store_dir, pattern))})
+    for path in removed:
+        os.remove(path)
+    return removed
+
+
+def estimated_bytes(settings, num_examples):
+    """About how many bytes ``num_examples`` records of a store with ``settings`` take (with sidecars)."""
+    height, width, channels = settings["image_shape"]
+    per_record = (height * width * channels + height * width * MAP_BYTES_PER_PIXEL[settings["map_encoding"]]
+                  + 4 * settings["num_classes"] + 200)  # ids, keys and TFRecord framing
+    return int(num_examples) * per_record + 4096
 
 
 def _refuse_foreign_store(store_dir, settings):
     """A directory holding shards of other settings must not be silently mixed with ours."""
     for name in sorted(os.listdir(store_dir)):
         if name.startswith("shard-") and name.endswith(".json"):
-            with open(os.path.join(store_dir, name)) as handle:
-                other = json.load(handle)["settings"]
+            other = (_read_sidecar(os.path.join(store_dir, name)) or {}).get("settings")
+            if other is None:
+                continue  # unreadable: its shard is redone, and the next sidecar decides
             if other != settings:
                 raise StoreMismatchError(
                     f"{store_dir} holds shards built with other settings ({_diff(other, settings)}); "
@@ -293,15 +333,24 @@ def _diff(found, wanted):
     return ", ".join(f"{k}: {found.get(k)!r} != {wanted.get(k)!r}" for k in keys if found.get(k) != wanted.get(k))
 
 
+def _read_sidecar(path):
+    """A shard sidecar as a dict, or None if it cannot be read (cut off, edited, not JSON)."""
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _shard_done(store_dir, shard, num_shards, settings):
     sidecar = os.path.join(store_dir, shard_name(shard, num_shards) + ".json")
     record = os.path.join(store_dir, shard_name(shard, num_shards) + ".tfrecord")
     if not (os.path.exists(sidecar) and os.path.exists(record)):
         return False
-    with open(sidecar) as handle:
-        meta = json.load(handle)
-    # A shard damaged after it was finished is recomputed, not carried into the manifest.
-    return meta.get("settings") == settings and meta.get("sha256") == sha256_file(record)
+    meta = _read_sidecar(sidecar)
+    # A shard damaged after it was finished (or whose sidecar is) is recomputed, not carried into the manifest.
+    return meta is not None and meta.get("settings") == settings and meta.get("sha256") == sha256_file(record)
 
 
 def _write_shard(store_dir, shard, num_shards, shard_ds, start, count, teacher_targets, batch_size,
@@ -325,7 +374,7 @@ def _write_shard_rows(store_dir, shard, num_shards, start, count, rows, settings
     name = shard_name(shard, num_shards)
     record_path = os.path.join(store_dir, name + ".tfrecord")
     ids = []
-    with atomic_path(record_path) as tmp:
+    with atomic_path(record_path, prefix=f"{TMP_PREFIX}{name}-") as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for index, (example_id, label, image, logits, ig_map) in enumerate(rows, start):
                 writer.write(serialize_example(example_id, index, label, image, logits, ig_map,
@@ -345,13 +394,24 @@ def _write_shard_rows(store_dir, shard, num_shards, start, count, rows, settings
 
 def finalize_store(store_dir):
     """Merge shard sidecars into ``manifest.json`` once every shard is present and consistent."""
+    if not os.path.isdir(store_dir):
+        raise StoreError(f"no store directory {store_dir}")
+    with locks.DirLock(store_dir, what="store"):
+        return _finalize(store_dir)
+
+
+def _finalize(store_dir):
+    """:func:`finalize_store`, for a caller that holds the store's lock."""
     sidecars = sorted(name for name in os.listdir(store_dir) if name.startswith("shard-") and name.endswith(".json"))
     if not sidecars:
         raise StoreError(f"no finished shards in {store_dir}")
     metas = []
     for name in sidecars:
-        with open(os.path.join(store_dir, name)) as handle:
-            metas.append(json.load(handle))
+        meta = _read_sidecar(os.path.join(store_dir, name))
+        if meta is None or not {"file", "shard", "start", "count", "sha256", "ids_sha256", "settings"} <= set(meta):
+            raise CorruptShardError(f"shard sidecar {os.path.join(store_dir, name)} is unreadable; rerun the "
+                                    "precompute with the same flags: it redoes that shard")
+        metas.append(meta)
     settings = metas[0]["settings"]
     for meta in metas[1:]:
         if meta["settings"] != settings:
@@ -392,7 +452,8 @@ def pack_store(store_dir, pack_path):
     map_dtype = {"float16": np.float16, "uint8": np.uint8, NO_MAPS: np.uint8}[store.map_encoding]
     maps = np.frombuffer(b"".join(columns["map"].tolist()), map_dtype)
     maps = maps.reshape(store.num_examples, *store.image_shape[:2]) if store.has_maps else maps[:0]
-    with atomic_path(pack_path) as tmp:
+    store_bytes = sum(os.path.getsize(file) for file in store.files)  # a pack is smaller than its store
+    with guards.disk_full_as_error(pack_path, store_bytes), atomic_path(pack_path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, version=np.int64(PACK_VERSION), manifest=np.array(json.dumps(store.manifest)),
                                 ids=columns["id"].astype(np.bytes_), labels=columns["label"],
@@ -422,8 +483,15 @@ def unpack_store(pack_path, store_dir, data_dir=None, progress=True):
     if not len(ids) == len(labels) == len(logits) == total or (manifest["map_encoding"] != NO_MAPS and len(maps) != total):
         raise CorruptShardError(f"{pack_path}: column lengths do not match the manifest's {total} examples")
     settings = {key: value for key, value in manifest.items() if key != "shards"}
-    os.makedirs(store_dir, exist_ok=True)
-    _refuse_foreign_store(store_dir, settings)
+    with locks.DirLock(store_dir, what="store"):
+        remove_orphans(store_dir)
+        _refuse_foreign_store(store_dir, settings)
+        _unpack(manifest, settings, ids, labels, logits, maps, scales, store_dir, data_dir, progress)
+    return Store(store_dir, expected=settings)
+
+
+def _unpack(manifest, settings, ids, labels, logits, maps, scales, store_dir, data_dir, progress):
+    """:func:`unpack_store`'s writing, under the store's lock."""
     ds, _ = data.load(manifest["dataset"], manifest["split"], data_dir, image_size=manifest.get("image_size"))
     num_shards = len(manifest["shards"])
     encoding = manifest["map_encoding"]
@@ -447,13 +515,15 @@ def unpack_store(pack_path, store_dir, data_dir=None, progress=True):
             if not _shard_done(store_dir, shard, num_shards, settings)]
     bar = tqdm(total=sum(entry["count"] for _, entry in todo), unit="img", desc="unpacking store",
                disable=not progress)
-    for shard, entry in todo:
-        _write_shard_rows(store_dir, shard, num_shards, entry["start"], entry["count"],
-                          rows(ds.skip(entry["start"]).take(entry["count"]), entry["start"]), settings,
-                          expected_sha256=entry["sha256"])
-    bar.close()
-    finalize_store(store_dir)
-    return Store(store_dir, expected=settings)
+    counts = [entry["count"] for _, entry in todo]
+    with guards.disk_full_as_error(store_dir, lambda: estimated_bytes(settings, sum(counts))):
+        for shard, entry in todo:
+            _write_shard_rows(store_dir, shard, num_shards, entry["start"], entry["count"],
+                              rows(ds.skip(entry["start"]).take(entry["count"]), entry["start"]), settings,
+                              expected_sha256=entry["sha256"])
+            counts.pop(0)
+        bar.close()
+        _finalize(store_dir)
 
 
 class Store:
@@ -476,14 +546,74 @@ class Store:
             found = {key: self.manifest.get(key) for key in expected}
             if found != expected:
                 raise StoreMismatchError(f"store {store_dir} does not match the request: {_diff(found, expected)}")
+        self._check_manifest_fields()
         self.files = [os.path.join(store_dir, shard["file"]) for shard in self.manifest["shards"]]
         for shard, file in zip(self.manifest["shards"], self.files):
             if not os.path.exists(file):
                 raise StoreError(f"shard file {file} is missing")
             if verify_checksums and sha256_file(file) != shard["sha256"]:
                 raise CorruptShardError(f"shard {file} does not match its checksum (corrupt or truncated)")
+        self._check_records_match_manifest()
         if verify_ids:
             self.verify_ids()
+
+    def _mismatch(self, what):
+        return StoreMismatchError(f"{os.path.join(self.store_dir, MANIFEST)} {what}: the manifest was edited or "
+                                  "belongs to another store; rebuild the store (delete the directory and rerun)")
+
+    def _check_manifest_fields(self):
+        """Every field a reader relies on is present, well-formed and consistent with the shard list."""
+        manifest = self.manifest
+        shape, classes, total = manifest.get("image_shape"), manifest.get("num_classes"), manifest.get("num_examples")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape)):
+            raise self._mismatch(f"has image_shape {shape!r}, not [height, width, channels]")
+        if not (isinstance(classes, int) and classes > 0 and isinstance(total, int) and total > 0):
+            raise self._mismatch(f"has num_classes {classes!r} and num_examples {total!r}, not positive integers")
+        if manifest.get("map_encoding") not in MAP_ENCODINGS:
+            raise self._mismatch(f"has map_encoding {manifest.get('map_encoding')!r}, not one of {MAP_ENCODINGS}")
+        shards, per_shard = manifest.get("shards"), manifest.get("examples_per_shard")
+        if not isinstance(shards, list) or not shards or not isinstance(per_shard, int) or per_shard < 1:
+            raise self._mismatch("has no shard list or examples_per_shard")
+        if len(shards) != -(-total // per_shard):
+            raise self._mismatch(f"lists {len(shards)} shards, {total} examples at {per_shard} per shard make "
+                                 f"{-(-total // per_shard)}")
+        start = 0
+        for shard_id, shard in enumerate(shards):
+            expected = {"file": shard_name(shard_id, len(shards)) + ".tfrecord", "start": start,
+                        "count": min(per_shard, total - start)}
+            found = {key: shard.get(key) if isinstance(shard, dict) else None for key in expected}
+            if found != expected or not isinstance(shard.get("sha256"), str) or not shard.get("ids_sha256"):
+                raise self._mismatch(f"lists shard {shard_id} as {found}, expected {expected} with checksums")
+            start += expected["count"]
+
+    def _check_records_match_manifest(self):
+        """The first record of every shard has the image, logits and map sizes the manifest states."""
+        height, width, channels = self.image_shape
+        map_bytes = height * width * MAP_BYTES_PER_PIXEL[self.map_encoding]
+        spec = {"index": tf.io.FixedLenFeature([], tf.int64), "image": tf.io.FixedLenFeature([], tf.string),
+                "logits": tf.io.VarLenFeature(tf.float32), "map": tf.io.FixedLenFeature([], tf.string)}
+        for shard, file in zip(self.manifest["shards"], self.files):
+            try:
+                for serialized in tf.data.TFRecordDataset(file).take(1):
+                    record = tf.io.parse_single_example(serialized, spec)
+                    found = {"index": int(record["index"]), "image bytes": len(record["image"].numpy()),
+                             "logits": int(tf.size(record["logits"].values)), "map bytes": len(record["map"].numpy())}
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+                raise CorruptShardError(f"shard {file} is corrupt: {err.message.splitlines()[0]}") from err
+            expected = {"index": shard["start"], "image bytes": height * width * channels,
+                        "logits": self.num_classes, "map bytes": map_bytes}
+            if found != expected:
+                raise self._mismatch(f"says {self.image_shape} images, {self.num_classes} classes and "
+                                     f"{self.map_encoding} maps, but the first record of {shard['file']} holds "
+                                     f"{found} (expected {expected})")
+
+    def check_fits(self, num_classes, image_shape):
+        """Raise StoreMismatchError unless the store holds ``num_classes`` logits for ``image_shape`` images."""
+        if self.num_classes != int(num_classes) or self.image_shape != tuple(int(d) for d in image_shape):
+            raise StoreMismatchError(
+                f"store {self.store_dir} holds {self.num_classes}-class logits of {self.image_shape} images, the "
+                f"data and models have {int(num_classes)} classes and {tuple(image_shape)} images; use the store "
+                "built for this data (or another --store_dir)")
 
     @property
     def num_examples(self):

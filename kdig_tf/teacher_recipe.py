@@ -25,12 +25,12 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf import data, models, teachers
+from kdig_tf import data, guards, locks, models, teachers
+from kdig_tf.distribute import PRECISIONS, precision_policy
 from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
 from kdig_tf.io_utils import atomic_path, atomic_write_json, read_epoch_log, read_json_or_none
 
 LR_SCHEDULES = ("triangular", "cosine", "constant")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 TEACHER_FILE = "teacher.keras"
 SUMMARY_FILE = "teacher.json"
 HISTORY_FILE = "history.csv"
@@ -237,16 +237,23 @@ class EpochSeconds(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.time() - self._start
 
 
+# Checkpoint files are cut into shards of at most this size, so a run's state can be committed
+# to a git host that refuses files over 100 MB (the large teacher's state is about 150 MB).
+CHECKPOINT_SHARD_BYTES = 48 << 20
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
     """Saves ``checkpoint`` (model, optimiser, lookahead, epoch) after each epoch, after it is logged."""
 
     def __init__(self, manager, epoch_variable):
         super().__init__()
         self.manager, self.epoch_variable = manager, epoch_variable
+        policy = tf.train.experimental.MaxShardSizePolicy(max_shard_size=CHECKPOINT_SHARD_BYTES)
+        self.options = tf.train.CheckpointOptions(experimental_sharding_callback=policy)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_variable.assign(epoch + 1)
-        self.manager.save(checkpoint_number=epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1, options=self.options)
 
 
 # --------------------------------------------------------------------------- data
@@ -324,10 +331,17 @@ def train_teacher(recipe, workdir, dataset="cifar10", train_split="train[:45000]
     Writes ``teacher.keras`` (a float32 pixel model, the final weights: no selection on val),
     ``history.csv`` (one row per epoch, with ``epoch_seconds``) and ``recipe.json``. A workdir
     made with another recipe is refused (StaleRunError); a finished one is only exported again.
-    ``summary_extras(pixel_model) -> dict`` adds fields to the summary (e.g. MACs).
+    ``summary_extras(pixel_model) -> dict`` adds fields to the summary (e.g. MACs). A second
+    process on the same workdir gets WorkdirBusyError; a diverged run stops with DivergedError.
     """
     recipe.validate()
-    os.makedirs(workdir, exist_ok=True)
+    with locks.DirLock(workdir, what="workdir"):
+        return _train_teacher_locked(recipe, workdir, dataset, train_split, val_split, data_dir, image_size,
+                                     limit_train, verbose, callbacks, summary_extras)
+
+
+def _train_teacher_locked(recipe, workdir, dataset, train_split, val_split, data_dir, image_size, limit_train,
+                          verbose, callbacks, summary_extras):
     recipe_path = os.path.join(workdir, RECIPE_FILE)
     stored = read_json_or_none(recipe_path)
     wanted = {"recipe": recipe.to_json(), "dataset": dataset, "train_split": train_split, "val_split": val_split,
@@ -351,13 +365,9 @@ def train_teacher(recipe, workdir, dataset="cifar10", train_split="train[:45000]
     if stored is None:
         atomic_write_json(recipe_path, wanted)
 
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(recipe.precision)
-    try:
+    with precision_policy(recipe.precision):
         keras.utils.set_random_seed(recipe.seed)
         core = build_core(recipe, num_classes, input_shape)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
     if recipe.whitening:
         teachers.init_whitening(core, spec.from_pixels(train_images[:WHITENING_IMAGES]).numpy())
     schedule = RecipeSchedule(recipe.learning_rate, total_steps, int(recipe.warmup_fraction * total_steps),
@@ -388,7 +398,8 @@ def train_teacher(recipe, workdir, dataset="cifar10", train_split="train[:45000]
         train_ds = training_batches(train_images, train_labels, recipe, spec, num_classes,
                                     start_epoch * steps_per_epoch, total_steps)
         val_ds = evaluation_batches(val_images, val_labels, spec, num_classes)
-        callback_list = [EpochSeconds()] + ([lookahead] if lookahead else [])
+        # The guard comes first: a diverged epoch is neither logged nor checkpointed.
+        callback_list = [guards.DivergenceGuard("teacher training"), EpochSeconds()] + ([lookahead] if lookahead else [])
         callback_list += [keras.callbacks.CSVLogger(history_path, append=True),
                           EpochCheckpoint(manager, epoch_variable), *callbacks]
         core.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, initial_epoch=start_epoch,
@@ -401,12 +412,8 @@ def train_teacher(recipe, workdir, dataset="cifar10", train_split="train[:45000]
 
 def float32_pixel_teacher(core, recipe, spec, num_classes, input_shape):
     """The trained core's weights in a float32 network, wrapped as a pixel model."""
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
+    with precision_policy("float32"):
         clean = build_core(recipe, num_classes, input_shape)
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
     clean.set_weights([w.numpy().astype(np.float32) for w in core.weights])
     return models.with_preprocessing(clean, spec, name=f"{clean.name}_pixels")
 

@@ -36,11 +36,14 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
 
-from kdig_tf import campaigns, experiments, reports
+from kdig_tf import campaigns, cli, experiments, reports
+from kdig_tf import logs
+from kdig_tf.errors import FlagError
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
                     "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_list("methods", ["student", "kd", "ig", "kd_ig"],
@@ -62,8 +65,9 @@ flags.DEFINE_bool("report_only", False,
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     from kdig_tf import cli
 
     cli.run(_ablation)
@@ -88,4 +92,4 @@ def _ablation():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

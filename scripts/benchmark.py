@@ -21,9 +21,13 @@ import sys
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_list("models", ["teacher", "student:14"],
                   "Model specs: teacher, teacher:<width>, student:<keep_blocks>[:<width>], student:<factor>x.")
 flags.DEFINE_list("weights", [], "Weight files, one per --models entry in order; empty = random weights.")
@@ -46,6 +50,7 @@ flags.DEFINE_integer("seed", 0, "Seed for random weights and synthetic calibrati
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from absl import logging
 
@@ -158,4 +163,4 @@ def _benchmark():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

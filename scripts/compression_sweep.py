@@ -21,11 +21,14 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
 
-from kdig_tf import campaigns, experiments
+from kdig_tf import campaigns, cli, experiments
+from kdig_tf import logs
+from kdig_tf.errors import FlagError
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
                     "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_list("keep_blocks", ["16", "14", "12", "10", "8", "6", "4", "2"], "Student sizes (feature modules kept).")
@@ -43,8 +46,9 @@ flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
     from kdig_tf import cli
@@ -65,4 +69,4 @@ def _sweep():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -12,23 +12,29 @@ A killed run resumes at its last finished epoch when started again with the same
 import os
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
 
 from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
 
-
+# Before the flags: defining them imports TensorFlow, whose start-up lines are hidden only if
+# its log level is set first (so --verbose_logs is read from the command line here).
+logs.quiet(show_banner=False)
 cli.define_distill_flags(FLAGS)
+logs.define_flags(FLAGS)
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
-    from kdig_tf import pipeline
+    from kdig_tf import pipeline, summary
 
     def run():
         config = cli.config_from_flags(FLAGS)
         results = pipeline.run_distillation(config, FLAGS.workdir)
+        print(summary.text(results, FLAGS.workdir))
         print(f"{config.method}: val_accuracy={results['val_accuracy']:.2f}% on {config.val_split} "
               f"({results['trainable_params']:,} params, {results['compression']:.2f}x, "
               f"{results['train_seconds']:.0f}s) -> {os.path.join(FLAGS.workdir, pipeline.RESULTS)}")
@@ -36,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -1,4 +1,4 @@
-"""Top-1 accuracy of a model file on a tfds split.
+"""Top-1 accuracy of a model file on a split of a tfds dataset or an image folder.
 
     python scripts/evaluate.py --weights=student.pt --split=train --data_dir=../shared/tensorflow_datasets
 
@@ -7,27 +7,35 @@ weights-only file (*.weights.h5, with --arch/--keep_blocks) or a TFLite model (.
 int8 or float). The teacher gets mean/std-normalised inputs, students raw [0, 1]. For a
 .tflite the input kind (and mean/std) comes from the sidecar JSON that
 ``kdig_tf.export.convert`` writes next to it; only without a sidecar is it guessed from
-the tensor names (the result's ``input_kind_source`` says which).
+the tensor names (the result's ``input_kind_source`` says which). ``--dataset=folder:PATH``
+reads a folder of class folders (see ``kdig_tf.data``). A model that is not one of kdig_tf's
+MobileNetV2s is labelled by its own name and parameter count (a .tflite's from its sidecar).
 """
 import os
 import sys
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
     # Defined only when run as a script, so tests can import evaluate() without global flags.
+    logs.define_flags(FLAGS)
     flags.DEFINE_string("weights", "runs/teacher/teacher.h5",
                         "Model file: .pt, .h5/.keras (full model), *.weights.h5 or .tflite.")
     flags.DEFINE_enum("arch", None, ["teacher", "student"],
                       "Architecture; inferred for .pt, full Keras models and kdig_tf TFLite files.")
     flags.DEFINE_integer("keep_blocks", None, "Student depth, for weights-only files.")
-    flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
-    flags.DEFINE_string("split", "train[45000:]", "tfds split to evaluate on.")
+    flags.DEFINE_string("dataset", "cifar10", "A tfds dataset name, or folder:PATH (one subfolder of images per "
+                        "class; class names are the sorted folder names).")
+    flags.DEFINE_string("split", "train[45000:]", "Split to evaluate on, in tfds slicing syntax (train[45000:], "
+                        "train[90%:]); a folder's splits are its split folders (train, test...) or else train.")
     flags.DEFINE_string("data_dir", None, "tfds data_dir (default: $TFDS_DATA_DIR).")
     flags.DEFINE_integer("batch_size", 256, "Batch size (Keras models).")
     flags.DEFINE_integer("limit", 0, "If > 0, evaluate only the first this many examples.")
@@ -35,6 +43,7 @@ def _define_flags():
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from kdig_tf import cli
     cli.run(run_evaluation, FLAGS.weights, arch=FLAGS.arch, keep_blocks=FLAGS.keep_blocks,
@@ -53,7 +62,7 @@ def tflite_predictor(path):
 
 def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", split="train[45000:]",
                    data_dir=None, batch_size=256, limit=0, output_json=None, progress=True):
-    """Evaluate a model file on a tfds split; return (and optionally write) the result dict."""
+    """Evaluate a model file on a split (tfds or folder:PATH); return (and optionally write) the result dict."""
     import time
 
     from kdig_tf import benchmark, data, loading, models
@@ -70,9 +79,11 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         if output_json and os.path.abspath(output_json) == os.path.abspath(export.sidecar_path(weights)):
             raise InvalidArgumentError(f"--output_json {output_json} would overwrite the model's sidecar")
         predictor, names, num_outputs = tflite_predictor(weights)
-        trainable_params = None  # a .tflite holds constants, not trainable weights
         found_arch, found_keep = loading.describe_names(names)
         recorded = export.sidecar_input_spec(weights, required=False)
+        # A .tflite holds constants, not trainable weights: the sidecar knows the model it came from.
+        source_model = (export.load_sidecar(weights).get("source_model") or {}) if recorded is not None else {}
+        trainable_params, model_name = source_model.get("params"), source_model.get("name")
         names_source = "tensor names"
         if recorded is None:
             print(f"warning: no sidecar {export.sidecar_path(weights)}; input kind guessed from "
@@ -91,6 +102,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         # Where the preprocessing came from: the file itself, or the kdig_tf architecture it holds.
         names_source = "layer names" if model is not stored else "model"
         trainable_params = models.count_trainable_params(model)
+        model_name = core.name
     source = "--arch" if arch else names_source
     arch = arch or found_arch
     if arch == "student" and keep_blocks is None:
@@ -128,6 +140,7 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         "weights": os.path.abspath(weights),
         "weights_sha256": sha256_file(weights),
         "arch": arch,
+        "model_name": model_name,
         "trainable_params": trainable_params,
         "keep_blocks": keep_blocks if arch == "student" else None,
         "input_kind": kind,
@@ -140,11 +153,13 @@ def run_evaluation(weights, arch=None, keep_blocks=None, dataset="cifar10", spli
         atomic_write_json(output_json, result)
     depth = f" keep_blocks={keep_blocks}" if arch == "student" else ""
     params = f", {trainable_params:,} trainable parameters" if trainable_params is not None else ""
+    # Not a kdig_tf MobileNetV2: the model's own name says more than "unknown".
+    label = arch if arch != "unknown" or not model_name else model_name
     print(f"{os.path.basename(weights)}: accuracy={result['accuracy']:.2f}% ({correct}/{count}) "
-          f"on {dataset} {split} [{arch}{depth}, {kind} input from {source}{params}] in {seconds:.1f}s")
+          f"on {dataset} {split} [{label}{depth}, {kind} input from {source}{params}] in {seconds:.1f}s")
     return result
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.main(main)

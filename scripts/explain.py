@@ -21,9 +21,13 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("teacher", "runs/teacher/teacher.h5", "Reference model file (.pt, .h5, .keras).")
 flags.DEFINE_string("teacher_name", None, "Display name of the reference (default: file stem).")
 flags.DEFINE_list("students", [], "Comma-separated model files compared with the reference.")
@@ -56,6 +60,7 @@ _OWN_FLAGS = ("teacher", "teacher_name", "students", "names", "dataset", "split"
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from kdig_tf import cli
     cli.run(_explain)
@@ -303,4 +308,4 @@ def _explain():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -21,11 +21,14 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
 
-from kdig_tf import campaigns, experiments
+from kdig_tf import campaigns, cli, experiments
+from kdig_tf import logs
+from kdig_tf.errors import FlagError
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("flagfile_base", "flags/paper.cfg",
                     "Base flagfile of every run, as distill.py's --flagfile ('' = none).")
 flags.DEFINE_string("method", "kd_ig", "distill --method to tune (or <method>_shuffled).")
@@ -45,8 +48,9 @@ flags.DEFINE_bool("dry_run", False, "Print the distill.py commands of unfinished
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     from kdig_tf import cli
 
     cli.run(_search)
@@ -79,4 +83,4 @@ def _search():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

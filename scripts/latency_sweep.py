@@ -16,6 +16,9 @@ fp32 teacher at batch 1 on one thread, and what accuracy does it keep?
         --data_dir=../shared/tensorflow_datasets --num_runs=200 --warmup_runs=20 \
         --output_dir=results/latency_sweep_long
 
+    # the screen of issue 45: int8 students of every built-in family vs the fp32 teacher:
+    python scripts/latency_sweep.py --flagfile=flags/screen_students.cfg
+
 Every candidate is timed with LiteRT (XNNPACK) in a fresh subprocess; the fp32 teacher is
 timed first and last in the same run and is the reference for every speed-up. With
 ``--train`` each candidate is a distillation run in this process (what ``scripts/distill.py``
@@ -24,7 +27,9 @@ in the run's ``log.txt`` (finished runs are skipped, failed ones retried); its e
 files (int8 calibrated on the training split) are timed and evaluated on the validation split.
 Input resolution is not swept (the distillation pipeline only trains on 32x32 images);
 ``--extra_candidates=k14_w1_s2`` adds a student whose stem downsamples, which costs its blocks
-what a 16x16 input would.
+what a 16x16 input would. ``--student_spec=resnet:depth=20,width=16`` (repeatable, one spec per
+flag: specs contain commas) adds a student of any built-in family (``kdig_tf/students.py``);
+with ``--train`` it is distilled as ``distill.py --student=<spec>``.
 
 Writes ``latency_sweep.json`` (command, machine, load average before/after, every row,
 Pareto front, the >= --target_speedup candidates), ``latency_sweep.md`` and
@@ -35,14 +40,22 @@ import sys
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
+from kdig_tf.errors import FlagError
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_list("keep_blocks", ["14", "12", "10", "8", "6"], "Student depths (feature modules kept).")
 flags.DEFINE_list("widths", ["1.0", "0.75", "0.5", "0.35", "0.25"], "Student width multipliers.")
 flags.DEFINE_list("extra_candidates", [], "Students added to the grid by name, k<keep>_w<width>[_s<stem stride>]: "
                   "e.g. k14_w0.5_s2 (a stride-2 stem: 4x fewer MACs). With --keep_blocks= --widths= "
                   "(both empty) only these are swept.")
+flags.DEFINE_multi_string("student_spec", [], "A built-in student spec to time (and with --train, distil), e.g. "
+                          "mnv2:width=0.5,strides=1-2-2-2-1-2-1 or resnet:depth=20,width=16; repeat the flag "
+                          "for more. With --keep_blocks= --widths= (both empty) only the named candidates run.")
 flags.DEFINE_list("modes", ["fp32", "int8"], "TFLite modes of every candidate: fp32, fp16, dynamic, int8. "
                   "With --train, a run's QAT and pruned exports (--extra_flags=\"--qat_epochs=.. "
                   "--prune_sparsity=..\") are timed too.")
@@ -67,8 +80,9 @@ flags.DEFINE_string("output_dir", "results/latency_sweep", "Where the .tflite fi
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise FlagError(f"unexpected arguments: {argv[1:]}")
     from absl import logging
 
     from kdig_tf import cli
@@ -92,7 +106,7 @@ def _sweep():
         final_report=FLAGS.final_report, num_threads=FLAGS.num_threads, warmup_runs=FLAGS.warmup_runs,
         num_runs=FLAGS.num_runs, target_speedup=FLAGS.target_speedup, num_calibration=FLAGS.num_calibration,
         random_seed=FLAGS.random_seed, isolate=FLAGS.isolate, command=shlex.join([sys.executable, *sys.argv]),
-        dry_run=FLAGS.dry_run)
+        dry_run=FLAGS.dry_run, student_specs=FLAGS.student_spec)
     if report is None:
         return
     fast = report["fast_candidates"]
@@ -102,4 +116,4 @@ def _sweep():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -6,9 +6,12 @@
 ``--map_encoding=none`` stores the logits only (one teacher pass instead of IG), for the
 methods without the overlay such as ``kd``.
 
-Resumable: finished shards are kept and never recomputed. To scale out, start one process
-per worker with --shard_index=i --num_workers=n (same flags otherwise), then run once
-with --merge to write the manifest.
+Resumable: finished shards are kept and never recomputed; a shard whose sidecar is
+unreadable is redone, and the temporary files of a killed run are removed. A second process
+writing the same store (or the same worker's shards) is refused (WorkdirBusyError), and a
+full disk stops with OutOfSpaceError, keeping every finished shard. To scale out, start one
+process per worker with --shard_index=i --num_workers=n (same flags otherwise), then run
+once with --merge to write the manifest.
 
 A store can outlive its machine as a pack (targets without images, ~2/5 of the store):
 
@@ -23,9 +26,13 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("teacher", "pretrained/teacher.h5", "Teacher weights (.h5/.keras model, or a .pt state dict).")
 flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
 flags.DEFINE_string("split", "train[:45000]", "Split to precompute.")
@@ -48,6 +55,7 @@ flags.DEFINE_string("unpack", None, "Rebuild the store in --output_dir from this
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from kdig_tf import cli
     cli.run(_run)
@@ -100,4 +108,4 @@ def _pack():
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -1,7 +1,17 @@
-"""Train the CIFAR MobileNetV2 teacher, resumably.
+"""Train a teacher, resumably: the paper's CIFAR MobileNetV2 (default) or the fast speedrun ResNet.
 
     python scripts/train_teacher.py --workdir=runs/teacher --data_dir=../shared/tensorflow_datasets
+    python scripts/train_teacher.py --flagfile=flags/teacher_speedrun.cfg --workdir=runs/teacher_speedrun \
+        --data_dir=../shared/tensorflow_datasets
 
+``--arch=speedrun`` trains :mod:`kdig_tf.teachers` with :mod:`kdig_tf.teacher_recipe` (any dataset,
+any image size >= 16 px); each recipe feature is a flag that switches it off on its own:
+``--nowhitening``, ``--label_smoothing=0``, ``--nolookahead``, ``--cutout=0``, ``--translate=0``,
+``--noflip``, ``--tta_level=0``, ``--lr_schedule=cosine|constant``. Flags not given keep the
+recipe's defaults (``TeacherRecipe``). It writes ``teacher.keras`` (a float32 pixel model, the
+final weights) and ``teacher.json`` (val accuracy with and without TTA, params, MACs, hours).
+
+MobileNetV2 recipe (the paper preset):
 Recipe: SGD with Nesterov momentum, linear warmup then cosine decay, decoupled weight
 decay (not applied to BatchNorm or biases), random crop + flip, optional label smoothing.
 Trains on ``train[:45000]`` and selects the best epoch on ``train[45000:]``.
@@ -17,9 +27,13 @@ import os
 
 
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 flags.DEFINE_string("workdir", "runs/teacher", "Output directory (checkpoints, logs, final model).")
 flags.DEFINE_string("dataset", "cifar10", "tfds dataset name.")
 flags.DEFINE_string("data_dir", None, "tfds data_dir (default: $TFDS_DATA_DIR).")
@@ -42,14 +56,74 @@ flags.DEFINE_integer("limit_train", 0, "If > 0, use only this many training imag
 flags.DEFINE_string("init_weights", None, "Start a new run from this teacher (.h5/.keras/weights file) "
                     "instead of random weights, e.g. a second, shorter cosine cycle at a lower --learning_rate. "
                     "Ignored when the workdir resumes.")
+flags.DEFINE_enum("arch", "mobilenetv2", ["mobilenetv2", "speedrun"], "Teacher family.")
+flags.DEFINE_list("widths", None, "speedrun: channels of the three blocks (default 128,512,512).")
+flags.DEFINE_integer("convs_per_block", None, "speedrun: 2 (plain) or 3 (last two residual; default).")
+flags.DEFINE_bool("whitening", True, "speedrun: frozen 2x2 patch-whitening first conv (else a trainable conv).")
+flags.DEFINE_bool("lookahead", True, "speedrun: lookahead weight averaging every 5 steps.")
+flags.DEFINE_integer("translate", None, "speedrun: random translation in pixels (reflect padding; 0 = off).")
+flags.DEFINE_bool("flip", True, "speedrun: random horizontal flip.")
+flags.DEFINE_integer("cutout", None, "speedrun: cutout square side in pixels (0 = off).")
+flags.DEFINE_integer("tta_level", None, "speedrun: test-time augmentation reported in teacher.json: "
+                     "0 none, 1 mirror, 2 mirror + 1-pixel shifts.")
+flags.DEFINE_enum("lr_schedule", None, ["triangular", "cosine", "constant"],
+                  "speedrun: learning-rate schedule (triangular: warm-up from 0.2x, then linear to 0).")
+flags.DEFINE_float("warmup_fraction", None, "speedrun: warm-up as a fraction of all steps.")
+flags.DEFINE_float("bias_lr_scale", None, "speedrun: step multiplier of BatchNorm biases.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "speedrun: Keras mixed-precision policy for training (the saved teacher is float32).")
+flags.DEFINE_integer("image_size", None, "Resize every image to this square size (needed for folders of mixed sizes).")
 flags.DEFINE_bool("export_only", False, "Do not train: export the best checkpoint so far as teacher.h5 "
                   "(e.g. an interim teacher while a long run continues).")
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from kdig_tf import cli
-    cli.run(_train)
+    cli.run(_train_speedrun if FLAGS.arch == "speedrun" else _train)
+
+
+# speedrun flag -> TeacherRecipe field, for the flags that override the recipe only when given.
+_RECIPE_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "learning_rate": "learning_rate",
+                 "momentum": "momentum", "weight_decay": "weight_decay", "label_smoothing": "label_smoothing",
+                 "seed": "seed", "convs_per_block": "convs_per_block", "whitening": "whitening",
+                 "lookahead": "lookahead", "translate": "translate", "flip": "flip", "cutout": "cutout",
+                 "tta_level": "tta_level", "lr_schedule": "lr_schedule", "warmup_fraction": "warmup_fraction",
+                 "bias_lr_scale": "bias_lr_scale", "precision": "precision"}
+
+
+def _macs(pixel_model):
+    from kdig_tf import benchmark
+    return {"macs": benchmark.count_macs(pixel_model)}
+
+
+def _train_speedrun():
+    import dataclasses
+
+    from kdig_tf import teacher_recipe
+    from kdig_tf.errors import InvalidArgumentError
+
+    overrides = {field: FLAGS[flag].value for flag, field in _RECIPE_FLAGS.items()
+                 if FLAGS[flag].present and FLAGS[flag].value is not None}
+    if FLAGS.widths is not None:
+        try:
+            overrides["widths"] = tuple(int(w) for w in FLAGS.widths)
+        except ValueError as err:
+            raise InvalidArgumentError(f"--widths needs three integers, got {FLAGS.widths}") from err
+    if FLAGS.init_weights or FLAGS.width_multiplier != 1.0:
+        raise InvalidArgumentError("--init_weights and --width_multiplier are MobileNetV2 options; "
+                                   "use --widths for the speedrun teacher")
+    recipe = dataclasses.replace(teacher_recipe.TeacherRecipe(), **overrides)
+    if FLAGS.export_only:
+        raise InvalidArgumentError("--export_only is a MobileNetV2 option: a speedrun run exports when it finishes")
+    summary = teacher_recipe.train_teacher(
+        recipe, FLAGS.workdir, dataset=FLAGS.dataset, train_split=FLAGS.train_split, val_split=FLAGS.val_split,
+        data_dir=FLAGS.data_dir, image_size=FLAGS.image_size, limit_train=FLAGS.limit_train,
+        verbose=FLAGS.verbose, summary_extras=_macs)
+    print(f"teacher: val_accuracy={summary['val_accuracy']:.2f}% (TTA level {summary['tta_level']}: "
+          f"{summary['val_accuracy_tta']:.2f}%) on {FLAGS.val_split}, {summary['trainable_params']:,} parameters "
+          f"-> {FLAGS.workdir}/{teacher_recipe.TEACHER_FILE}")
 
 
 def _train():
@@ -58,7 +132,7 @@ def _train():
     import tensorflow as tf
     import tf_keras as keras
 
-    from kdig_tf import data, models
+    from kdig_tf import data, guards, models
     from kdig_tf.errors import InvalidArgumentError, NotAModelError, ShapeMismatchError, StaleRunError
     from kdig_tf.io_utils import atomic_path, atomic_write_json, holds_files, read_epoch_log
 
@@ -66,6 +140,7 @@ def _train():
         raise InvalidArgumentError("epochs and batch_size must be >= 1")
     if not 0.0 <= FLAGS.label_smoothing < 1.0:
         raise InvalidArgumentError(f"label_smoothing must be in [0, 1), got {FLAGS.label_smoothing}")
+    guards.require_finite(**{name: FLAGS[name].value for name in _OWN_FLAGS})  # nan passes every range check
     keras.utils.set_random_seed(FLAGS.seed)
     os.makedirs(FLAGS.workdir, exist_ok=True)
 
@@ -130,6 +205,7 @@ def _train():
         # the resumed run redo and log it again (read_epoch_log keeps the later row), never
         # skip a row.
         callbacks = [
+            guards.DivergenceGuard(),  # first: a diverged epoch is neither checkpointed nor logged
             # After a restart, only an epoch better than every earlier one may replace best.weights.h5.
             keras.callbacks.ModelCheckpoint(
                 best_path, monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True,
@@ -168,4 +244,4 @@ _OWN_FLAGS = ("workdir", "dataset", "data_dir", "train_split", "val_split", "epo
               "width_multiplier", "seed", "limit_train", "init_weights")
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

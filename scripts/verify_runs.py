@@ -9,9 +9,13 @@ trainable-parameter and example counts exactly. Writes ``verify.json`` there; ex
 naming the runs that fail.
 """
 import kdig_tf  # noqa: F401
-from absl import app, flags
+from absl import flags
+
+from kdig_tf import cli
+from kdig_tf import logs
 
 FLAGS = flags.FLAGS
+logs.define_flags(FLAGS)
 
 flags.DEFINE_string("output_dir", "results/ablation", "Campaign directory (the ablation's --output_dir).")
 flags.DEFINE_string("data_dir", None, "tfds data_dir (default: each run's recorded --data_dir, then $TFDS_DATA_DIR).")
@@ -22,6 +26,7 @@ flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
 
 
 def main(argv):
+    logs.quiet(FLAGS.verbose_logs)
     del argv
     from evaluate import run_evaluation  # scripts/ is on sys.path when this script runs
 
@@ -37,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(main)

@@ -1,4 +1,5 @@
 """data.load beyond prepared tfds: the download decision, image folders, and image_size."""
+import hashlib
 import os
 
 import numpy as np
@@ -35,6 +36,17 @@ def _write_classes(root, classes=CLASSES):
 
 def _read(ds):
     return [(image.numpy(), int(label), example_id.numpy().decode()) for image, label, example_id in ds]
+
+
+def _documented_order(labels_by_id):
+    """The folder order as the data module's docstring states it, written out independently: sha256 of
+    the id within each class, the file at rank r of a class of n placed at (r + 1/2) / n, ties to the lower label."""
+    by_class = {}
+    for example_id in sorted(labels_by_id, key=lambda i: hashlib.sha256(i.encode("utf-8")).hexdigest()):
+        by_class.setdefault(labels_by_id[example_id], []).append(example_id)
+    placed = sorted(((2 * rank + 1) / (2 * len(ids)), label, example_id)
+                    for label, ids in by_class.items() for rank, example_id in enumerate(ids))
+    return [example_id for *_, example_id in placed]
 
 
 def _offline_prepare(builder):
@@ -95,6 +107,17 @@ def test_unknown_dataset_with_download(tmp_path):
         data.load("no_such_dataset_xyz", "train", str(tmp_path), download=True)
 
 
+def test_split_labels_are_the_labels_load_reads(tiny_dir):
+    for split in ("train", "train[2:9]", "train[50%:]"):
+        labels = data.split_labels(tiny_tfds.NAME, split, tiny_dir)
+        assert labels.dtype == np.int64
+        assert list(labels) == [label for _, label, _ in _read(data.load(tiny_tfds.NAME, split, tiny_dir)[0])]
+    with pytest.raises(UnknownDatasetError):
+        data.split_labels("no_such_dataset_xyz", "train", tiny_dir)
+    with pytest.raises(UnknownSplitError):
+        data.split_labels(tiny_tfds.NAME, "validation", tiny_dir)
+
+
 # image_size on tfds data.
 
 def test_tfds_image_size(tiny_dir):
@@ -124,7 +147,8 @@ def test_folder_labels_ids_and_order(folder):
     ds, info = data.load("folder:" + root, "train")
     examples = _read(ds)
     ids = [example_id for _, _, example_id in examples]
-    assert ids == sorted(expected) and ids[0] == "bird/0000.png"
+    assert ids == _documented_order({i: label for i, (_, label) in expected.items()})
+    assert sorted(ids) == sorted(expected) and ids != sorted(ids)
     for image, label, example_id in examples:
         assert np.array_equal(image, expected[example_id][0])
         assert label == expected[example_id][1]
@@ -142,9 +166,11 @@ def test_folder_labels_ids_and_order(folder):
     ("train[-2:]", slice(10, 12)), ("train[:-25%]", slice(0, 9))])
 def test_folder_slicing(folder, split, ids):
     root, expected = folder
+    order = _documented_order({i: label for i, (_, label) in expected.items()})
     ds, info = data.load("folder:" + root, split)
-    assert [i for _, _, i in _read(ds)] == sorted(expected)[ids]
-    assert info.num_examples == len(sorted(expected)[ids]) and data.num_classes(info) == 3
+    assert [i for _, _, i in _read(ds)] == order[ids]
+    assert info.num_examples == len(order[ids]) and data.num_classes(info) == 3
+    assert list(data.split_labels("folder:" + root, split)) == [expected[i][1] for i in order[ids]]
 
 
 @pytest.mark.parametrize("split", ["test", "validation", "train[", "train[20:]", "train[5:5]"])
@@ -187,13 +213,15 @@ def test_folder_formats_give_three_channels(tmp_path):
 def test_folder_train_test_splits(tmp_path):
     train = _write_classes(str(tmp_path / "train"), {"a": 2, "b": 3})
     test = _write_classes(str(tmp_path / "test"), {"a": 1, "b": 2})
+    train_order = _documented_order({f"train/{i}": label for i, (_, label) in train.items()})
+    test_order = _documented_order({f"test/{i}": label for i, (_, label) in test.items()})
     ds, info = data.load(f"folder:{tmp_path}", "train")
-    assert [(i, label) for _, label, i in _read(ds)] == [(f"train/{i}", train[i][1]) for i in sorted(train)]
+    assert [(i, label) for _, label, i in _read(ds)] == [(i, train[i[len("train/"):]][1]) for i in train_order]
     assert info.splits == ("test", "train") and data.class_names(info) == ["a", "b"]
     ds, info = data.load(f"folder:{tmp_path}", "test")
-    assert [(i, label) for _, label, i in _read(ds)] == [(f"test/{i}", test[i][1]) for i in sorted(test)]
+    assert [(i, label) for _, label, i in _read(ds)] == [(i, test[i[len("test/"):]][1]) for i in test_order]
     ds, _ = data.load(f"folder:{tmp_path}", "train[:1]+test[-1:]")
-    assert [i for _, _, i in _read(ds)] == ["train/a/0000.png", "test/b/0001.png"]
+    assert [i for _, _, i in _read(ds)] == [train_order[0], test_order[-1]]
     with pytest.raises(UnknownSplitError, match="validation"):
         data.load(f"folder:{tmp_path}", "validation")
     os.makedirs(tmp_path / "test" / "c")
@@ -202,12 +230,13 @@ def test_folder_train_test_splits(tmp_path):
 
 
 def test_folder_corrupt_files(tmp_path):
-    _write_classes(str(tmp_path), {"a": 2, "b": 2})
+    written = _write_classes(str(tmp_path), {"a": 2, "b": 2})
     data.load(f"folder:{tmp_path}")  # checked once; the checks below must see the files change
     (tmp_path / "b" / "0001.png").write_bytes(b"not an image at all")
     with pytest.raises(UnreadableImageError, match="0001.png"):
         data.load(f"folder:{tmp_path}")
-    data.load(f"folder:{tmp_path}", "train[:3]")  # only the selected files are read
+    bad = _documented_order({i: label for i, (_, label) in written.items()}).index("b/0001.png")
+    data.load(f"folder:{tmp_path}", f"train[:{bad}]" if bad else "train[1:]")  # only the selected files are read
     whole = (tmp_path / "a" / "0000.png").read_bytes()
     (tmp_path / "b" / "0001.png").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(UnreadableImageError, match="b/0001.png"):

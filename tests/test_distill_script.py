@@ -104,8 +104,12 @@ def test_bad_teachers_are_refused(tmp_path, teachers, teacher, error):
         assert "train_teacher.py" in str(caught.value)
 
 
+# Flagfiles of other scripts than distill.py (each is checked against its own script's flags).
+OTHER_SCRIPT_FLAGFILES = {"teacher_speedrun.cfg": "train_teacher.py", "screen_students.cfg": "latency_sweep.py"}
+
+
 @pytest.mark.parametrize("flagfile", sorted(name for name in os.listdir(os.path.join(ROOT, "flags"))
-                                            if name.endswith(".cfg")))
+                                            if name.endswith(".cfg") and name not in OTHER_SCRIPT_FLAGFILES))
 def test_every_shipped_flagfile_parses_and_validates(flagfile):
     from kdig_tf import cli
 
@@ -113,3 +117,16 @@ def test_every_shipped_flagfile_parses_and_validates(flagfile):
     config.validate()
     assert "test" not in config.train_split + config.val_split  # shipped profiles never select on test
     assert os.path.isfile(os.path.join(ROOT, config.teacher))  # the committed reference teacher
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flagfile,script", sorted(OTHER_SCRIPT_FLAGFILES.items()))
+def test_other_scripts_flagfiles_parse(flagfile, script):
+    import subprocess
+    import sys
+
+    args = [sys.executable, os.path.join(ROOT, "scripts", script), f"--flagfile={os.path.join(ROOT, 'flags', flagfile)}",
+            "--only_check_args"]
+    assert subprocess.run(args, capture_output=True, text=True, cwd=ROOT).returncode == 0
+    bad = subprocess.run([*args, "--no_such_flag=1"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "error: FlagError" in bad.stderr

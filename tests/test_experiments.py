@@ -218,6 +218,28 @@ def test_finished_run_with_other_flags_is_stale(tmp_path):
     assert len(fake.calls) == 1
 
 
+def test_an_edited_flagfile_stales_a_finished_run_only_if_its_training_settings_change(tmp_path):
+    from kdig_tf import pipeline
+
+    flagfile = make_flagfile(tmp_path)
+    fake = FakeDistill(lambda flags: 90.0)
+
+    def recording(config, workdir):
+        pipeline.claim_workdir(workdir, pipeline.training_settings(config))
+        return fake(config, workdir)
+
+    runs = experiments.seed_runs(str(tmp_path / "runs"), ["student"], [0])
+    experiments.run_campaign(runs, flagfile, launcher=recording, log=quiet)
+    with open(flagfile, "a") as handle:
+        handle.write("# a comment, and a check-only flag\n--verbose=1\n")
+    rows = experiments.run_campaign(runs, flagfile, launcher=recording, log=quiet)
+    assert [row["status"] for row in rows] == ["skipped"] and len(fake.calls) == 1
+    with open(flagfile, "a") as handle:
+        handle.write("--batch_size=7\n")
+    with pytest.raises(StaleRunError, match="base flagfile .* batch_size"):
+        experiments.run_campaign(runs, flagfile, launcher=recording, log=quiet)
+
+
 @pytest.mark.parametrize("split", ["test", "test[:50%]", " TEST ", "train[:10]+test", "test[10%:]"])
 def test_split_guard_refuses_test(split):
     with pytest.raises(TestSplitSelectionError):

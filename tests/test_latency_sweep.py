@@ -3,13 +3,14 @@ import kdig_tf  # noqa: F401
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from kdig_tf import pareto
-from kdig_tf.errors import InvalidArgumentError
+from kdig_tf.errors import InvalidArgumentError, UnknownKeyError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -291,3 +292,114 @@ def test_script_rejects_bad_flags():
                                 "--output_dir=/nonexistent/never"], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1].startswith("error: InvalidArgumentError:")
+
+
+# --------------------------------------------------------------------------- student specs (issue 45)
+
+TINY_SPECS = ["resnet:width=4,depth=8", "vgg:channels=4-8,repeats=1-1,strides=1-2"]
+
+
+def test_spec_candidates_are_named_by_their_canonical_text():
+    specs = pareto.spec_candidates(["resnet:width=4,depth=8", " ", "shufflenetv2:width=0.5"])
+    assert [name for name, _ in specs] == ["resnet:depth=8,width=4", "shufflenetv2:width=0.5"]
+    with pytest.raises(InvalidArgumentError, match="listed twice"):
+        pareto.spec_candidates(["resnet:depth=8,width=4", "resnet:width=4,depth=8"])
+    for bad, error in (("resnet:depth=9", InvalidArgumentError), ("densenet:depth=9", UnknownKeyError)):
+        with pytest.raises(error):
+            pareto.spec_candidates([bad])
+    # File names: a grid name as it was; spec names without punctuation, distinct even when the
+    # punctuation alone differs.
+    assert pareto.file_stem("k14_w0.75_s2") == "k14_w0.75_s2"
+    stems = {pareto.file_stem(name) for name in ("vgg:channels=4-8", "vgg:channels=4,8", "vgg:channels=4_8")}
+    assert len(stems) == 3 and all(re.fullmatch(r"[A-Za-z0-9._]+", stem) for stem in stems)
+
+
+def test_screen_of_two_tiny_specs(tmp_path, fixed_cpu_competition):
+    """The int8 screen: specs alone (no grid), timed against the fp32 teacher of the same run."""
+    from kdig_tf import benchmark, models
+
+    fixed_cpu_competition(0.0, wall_seconds=2.0)
+    out = str(tmp_path / "screen")
+    teacher = small_teacher()
+    report = pareto.run_latency_sweep(out, [""], [], ["int8"], student_specs=TINY_SPECS, num_runs=2, warmup_runs=1,
+                                      num_calibration=4, teacher=teacher, latency_fn=size_latency, command="test",
+                                      log=quiet)
+    rows = report["rows"]
+    assert [(row["name"], row["mode"]) for row in rows][:2] == [("teacher", "fp32"), ("teacher", "int8")]
+    students = {row["name"]: row for row in rows if row["role"] == "student"}
+    assert sorted(students) == ["resnet:depth=8,width=4", "vgg:channels=4-8,repeats=1-1,strides=1-2"]
+    reference = rows[0]["latency_median_ms"]
+    for name, row in students.items():
+        core = models.parse_student_spec(name).build_core(10, pareto.IMAGE_SHAPE)
+        assert row["mode"] == "int8" and row["student"] == name and row["keep_blocks"] is None
+        assert row["family"] == name.split(":")[0]
+        assert row["params"] == models.count_trainable_params(core) and row["macs"] == benchmark.count_macs(core)
+        assert row["speedup_median"] == pytest.approx(reference / row["latency_median_ms"])
+        assert row["fast"] == (row["speedup_median"] >= 10.0)
+        sidecar = json.loads(open(os.path.splitext(row["path"])[0] + ".json").read())
+        assert sidecar["conversion"]["mode"] == "int8" and sidecar["conversion"]["num_representative"] == 4
+        assert os.path.dirname(row["path"]) == os.path.join(out, "tflite")
+    assert report["settings"]["student_specs"] == sorted(students)
+    assert report["settings"]["keep_blocks"] == [] and report["settings"]["modes"] == ["int8"]
+    table = open(os.path.join(out, "latency_sweep.md")).read()
+    assert any(line.startswith("| candidate |") and line.endswith("| >= 10x |") for line in table.splitlines())
+    for name, row in students.items():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {row['params']:,} |" in line and f"| {row['speedup_median']:.2f}x |" in line
+        assert line.endswith("| yes |") == row["fast"]
+
+    # The same two for real: LiteRT, in-process, a couple of runs each.
+    report = pareto.run_latency_sweep(out, [""], [], ["int8"], student_specs=TINY_SPECS, num_runs=3, warmup_runs=1,
+                                      num_calibration=4, isolate=False, teacher=teacher, command="test", log=quiet)
+    assert all(row["latency_median_ms"] > 0 for row in report["rows"])
+    assert all(row["speedup_median"] > 0 for row in report["rows"] if row["role"] == "student")
+
+
+def test_train_path_distils_spec_candidates_with_the_student_flag(tmp_path):
+    base = tmp_path / "base.cfg"
+    base.write_text("--method=kd_ig\n--epochs=1\n--val_split=train[45000:46000]\n")
+    launch, calls = fake_distill()
+    report = pareto.run_latency_sweep(str(tmp_path / "sweep"), [""], [], ["fp32"], student_specs=TINY_SPECS[:1],
+                                      train=True, flagfile=str(base), num_runs=2, warmup_runs=1, num_calibration=4,
+                                      teacher=small_teacher(), latency_fn=size_latency, launcher=launch,
+                                      accuracy_fn=lambda path, flags: {"accuracy": 55.0, "num_examples": 10},
+                                      command="test", log=quiet)
+    assert [call["student"] for call in calls] == ["resnet:depth=8,width=4"]
+    assert os.path.basename(os.path.dirname(os.path.dirname(calls[0]["workdir"]))) == \
+        pareto.file_stem("resnet:depth=8,width=4")
+    row = next(row for row in report["rows"] if row["role"] == "student")
+    assert row["weights"] == "trained" and row["accuracy"] == 55.0 and row["family"] == "resnet"
+    assert report["best_fast"] is None or report["best_fast"]["student"] == "resnet:depth=8,width=4"
+    with pytest.raises(InvalidArgumentError, match="may not set"):
+        pareto.run_latency_sweep(str(tmp_path / "bad"), [""], [], ["fp32"], student_specs=TINY_SPECS[:1], train=True,
+                                 flagfile=str(base), extra_flags="--student=vgg", teacher=small_teacher(),
+                                 latency_fn=size_latency, launcher=launch, command="test", log=quiet)
+
+
+def test_screen_flagfile_covers_the_families_and_parses():
+    lines = open(os.path.join(REPO, "flags", "screen_students.cfg")).read().splitlines()
+    specs = [line.split("=", 1)[1] for line in lines if line.startswith("--student_spec=")]
+    names = [name for name, _ in pareto.spec_candidates(specs)]  # parses, no duplicates
+    assert {name.split(":")[0] for name in names} == {"mnv2", "resnet", "shufflenetv2", "vgg"}
+    for wanted in ("mnv2:strides=1-2-2-2-1-2-1,width=0.5", "mnv2:strides=1-2-2-2-1-2-1,width=0.35",
+                   "shufflenetv2:width=0.5", "shufflenetv2:width=0.25",
+                   *(f"resnet:depth={depth},width={width}" for depth in (20, 14, 8) for width in (16, 8))):
+        assert wanted in names
+    assert "--modes=int8" in lines and "--num_threads=1" in lines and "--keep_blocks=" in lines
+
+
+@pytest.mark.slow
+def test_script_screens_two_specs_against_the_real_teacher(tmp_path):
+    out = tmp_path / "screen"
+    completed = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "latency_sweep.py"), "--keep_blocks=", "--widths=",
+         "--modes=int8", *(f"--student_spec={spec}" for spec in TINY_SPECS), "--num_runs=3", "--warmup_runs=1",
+         "--num_calibration=2", f"--output_dir={out}"], capture_output=True, text=True, timeout=1800)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((out / "latency_sweep.json").read_text())
+    assert report["reference"]["keras_name"] == "mobilenetv2_teacher" and report["reference"]["mode"] == "fp32"
+    assert report["settings"]["num_threads"] == 1 and report["settings"]["isolate"] is True
+    students = [row for row in report["rows"] if row["role"] == "student"]
+    assert sorted(row["name"] for row in students) == sorted(name for name, _ in pareto.spec_candidates(TINY_SPECS))
+    assert all(row["speedup_median"] > 1 for row in students)  # tiny nets beat the MobileNetV2
+    assert "timing_competition" in report["machine"]

@@ -104,7 +104,7 @@ def test_student_spec_parses_and_builds_the_papers_student():
     assert other.output_shape == (None, 5) and other.input_shape == (None, 64, 64, 3)
 
 
-@pytest.mark.parametrize("text, error", [("resnet:depth=3", UnknownKeyError), ("mobilenetv2:depth=3", UnknownKeyError),
+@pytest.mark.parametrize("text, error", [("densenet:depth=3", UnknownKeyError), ("mobilenetv2:depth=3", UnknownKeyError),
                                          ("mobilenetv2:keep", UnknownKeyError),
                                          ("mobilenetv2:keep=big", InvalidArgumentError)])
 def test_student_spec_errors_are_named(text, error):

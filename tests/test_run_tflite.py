@@ -107,27 +107,67 @@ def test_json_output_matches_tflite_model(exported, no_tensorflow_env):
 
 def test_bad_inputs_give_one_line_errors(exported, no_tensorflow_env, tmp_path):
     missing = run([str(tmp_path / "absent.tflite"), str(exported / "images")], no_tensorflow_env)
-    assert error_line(missing).startswith("error: no sidecar")
+    assert error_line(missing).startswith("error: SidecarError: no sidecar")
 
+    # Garbage with a real model's sidecar: its bytes are refused before the interpreter sees them.
     broken = tmp_path / "broken.tflite"
     broken.write_bytes(b"garbage")
     (tmp_path / "broken.json").write_text((exported / "float.json").read_text())
     assert error_line(run([str(broken), str(exported / "images")], no_tensorflow_env)).startswith(
-        "error: cannot load")
+        "error: TFLiteChecksumError:")
+    assert error_line(run([str(broken), str(exported / "images"), "--no_verify"], no_tensorflow_env)).startswith(
+        "error: ModelLoadError: cannot load")
 
     empty = tmp_path / "empty_folder"
     empty.mkdir()
-    assert "no images found" in error_line(run([str(exported / "float.tflite"), str(empty)], no_tensorflow_env))
+    assert error_line(run([str(exported / "float.tflite"), str(empty)], no_tensorflow_env)).startswith(
+        "error: ImageError: no images found")
 
     not_image = str(exported / "images" / "notes.txt")
     assert error_line(run([str(exported / "float.tflite"), not_image], no_tensorflow_env)).startswith(
-        "error: cannot read image")
+        "error: ImageError: cannot read image")
 
-    # A sidecar for another model (int8 input) next to the float model.
+    # A sidecar for another model (int8 input) next to the float model: its hash is another model's,
+    # and without the hash check its input description is refused.
     (tmp_path / "float.tflite").write_bytes((exported / "float.tflite").read_bytes())
     (tmp_path / "float.json").write_text((exported / "int8.json").read_text())
-    assert "sidecar describes input" in error_line(
-        run([str(tmp_path / "float.tflite"), str(exported / "images")], no_tensorflow_env))
+    assert error_line(run([str(tmp_path / "float.tflite"), str(exported / "images")], no_tensorflow_env)).startswith(
+        "error: TFLiteChecksumError:")
+    assert error_line(run([str(tmp_path / "float.tflite"), str(exported / "images"), "--no_verify"],
+                          no_tensorflow_env)).startswith("error: SidecarError: sidecar describes input")
 
-    assert "--top_k" in error_line(run([str(exported / "float.tflite"), not_image, "--top_k", "0"],
-                                       no_tensorflow_env))
+    assert error_line(run([str(exported / "float.tflite"), not_image, "--top_k", "0"],
+                          no_tensorflow_env)).startswith("error: UsageError: --top_k")
+    # argparse's own failures take the same one-line path instead of a usage dump.
+    assert error_line(run([str(exported / "float.tflite"), not_image, "--no_such_option"],
+                          no_tensorflow_env)).startswith("error: UsageError: unrecognized arguments")
+
+
+def test_class_folders_are_searched_and_scored(exported, no_tensorflow_env, tmp_path):
+    """val/<label>/...: every image is classified, and the top-1 guesses are scored against the folder names."""
+    root = tmp_path / "val"
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    for label, colour in colours.items():
+        (root / label / "nested").mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(root / label / "a.png")
+        Image.new("RGB", (32, 32), colour).save(root / label / "nested" / "b.png")
+    completed = run([str(exported / "float.tflite"), str(root), "--json"], no_tensorflow_env)
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    assert len(report["results"]) == 6  # nested folders are searched too
+    assert {result["true_label"] for result in report["results"]} == set(colours)
+    correct = sum(result["top_k"][0]["label"] == result["true_label"] for result in report["results"])
+    assert report["accuracy"] == {"correct": correct, "total": 6, "accuracy": pytest.approx(100.0 * correct / 6)}
+
+    text = run([str(exported / "float.tflite"), str(root)], no_tensorflow_env)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.strip().splitlines()
+    assert len(lines) == 7
+    assert lines[-1] == f"accuracy: {100.0 * correct / 6:.2f}% ({correct}/6 images in class folders)"
+
+    # Folder names that are not the model's labels: images are classified, nothing is scored.
+    (root / "purple").mkdir()
+    Image.new("RGB", (32, 32), (128, 0, 128)).save(root / "purple" / "c.png")
+    unscored = json.loads(run([str(exported / "float.tflite"), str(root), "--json"], no_tensorflow_env).stdout)
+    assert len(unscored["results"]) == 7 and unscored["accuracy"] is None
+    assert not any("true_label" in result for result in unscored["results"])

@@ -244,3 +244,37 @@ def test_train_teacher_script_speedrun_on_mock_data(tmp_path):
     bad = subprocess.run([sys.executable, str(runner), *flags, "--widths=8,x,16"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "error: InvalidArgumentError" in bad.stderr
+
+
+def test_a_busy_workdir_and_a_diverging_run_are_named_errors(tmp_path, tiny_data):
+    from kdig_tf import locks
+    from kdig_tf.errors import DivergedError, WorkdirBusyError
+
+    workdir = str(tmp_path / "busy")
+    with locks.DirLock(workdir, what="workdir"):
+        with pytest.raises(WorkdirBusyError):
+            teacher_recipe.train_teacher(_tiny_recipe(), workdir, verbose=0)
+    diverging = str(tmp_path / "diverging")
+    with pytest.raises(DivergedError):
+        teacher_recipe.train_teacher(_tiny_recipe(learning_rate=1e12, lookahead=False), diverging, verbose=0)
+    assert not os.path.exists(os.path.join(diverging, teacher_recipe.TEACHER_FILE))
+    assert not os.path.exists(os.path.join(diverging, teacher_recipe.CHECKPOINT_DIR, "checkpoint"))
+
+
+@pytest.mark.slow
+def test_teacher_cost_benchmark_writes_its_table(tmp_path):
+    output = tmp_path / "cost.json"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "teacher_cost.py"), "--batch_size=2",
+                           "--steps=1", "--repeats=1", "--precisions=float32", f"--output={output}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(output.read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert set(rows) == {"speedrun_teacher", "mobilenetv2_teacher", "student_4.1x"}
+    assert rows["student_4.1x"]["forward_cost_vs_student"] == 1.0
+    assert rows["speedrun_teacher"]["macs_vs_student"] > rows["mobilenetv2_teacher"]["macs_vs_student"] > 1.0
+    assert rows["mobilenetv2_teacher"]["params"] == models.TEACHER_PARAMS
+    assert (tmp_path / "cost.md").read_text().count("\n| ") == 3
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "teacher_cost.py"), "--precisions=fp8",
+                          f"--output={output}"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "error: InvalidArgumentError" in bad.stderr
