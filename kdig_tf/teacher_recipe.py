@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from kdig_tf import data, guards, locks, models, teachers
+from kdig_tf import data, guards, locks, models, pipeline, teachers
 from kdig_tf.distribute import PRECISIONS, precision_policy
 from kdig_tf.errors import InvalidArgumentError, NotAModelError, StaleRunError
 from kdig_tf.io_utils import atomic_path, atomic_write_json, read_epoch_log, read_json_or_none
@@ -226,17 +226,6 @@ class Lookahead(keras.callbacks.Callback):
             self._update(tf.constant(1.0, tf.float32))
 
 
-class EpochSeconds(keras.callbacks.Callback):
-    """Adds ``epoch_seconds`` (wall time of the epoch's training and validation) to the epoch logs."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["epoch_seconds"] = time.time() - self._start
-
-
 # Checkpoint files are cut into shards of at most this size, so a run's state can be committed
 # to a git host that refuses files over 100 MB (the large teacher's state is about 150 MB).
 CHECKPOINT_SHARD_BYTES = 48 << 20
@@ -399,7 +388,8 @@ def _train_teacher_locked(recipe, workdir, dataset, train_split, val_split, data
                                     start_epoch * steps_per_epoch, total_steps)
         val_ds = evaluation_batches(val_images, val_labels, spec, num_classes)
         # The guard comes first: a diverged epoch is neither logged nor checkpointed.
-        callback_list = [guards.DivergenceGuard("teacher training"), EpochSeconds()] + ([lookahead] if lookahead else [])
+        callback_list = [guards.DivergenceGuard("teacher training"), pipeline.EpochTimer()]
+        callback_list += [lookahead] if lookahead else []
         callback_list += [keras.callbacks.CSVLogger(history_path, append=True),
                           EpochCheckpoint(manager, epoch_variable), *callbacks]
         core.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, initial_epoch=start_epoch,
