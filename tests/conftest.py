@@ -40,3 +40,16 @@ def fixed_cpu_competition(monkeypatch):
         monkeypatch.setattr(benchmark, "CpuCompetition", FixedCompetition)
 
     return install
+
+
+@pytest.fixture(scope="module")
+def seeded_teacher_path(tmp_path_factory):
+    """A tiny MobileNetV2 teacher (width 0.25), built under seed 0 and saved once per test module."""
+    import tf_keras as keras
+
+    from kdig_tf import models
+
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.h5")
+    keras.utils.set_random_seed(0)
+    models.build_teacher(width_multiplier=0.25).save(path)
+    return path

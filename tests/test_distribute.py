@@ -177,16 +177,9 @@ def test_runs_recorded_before_the_new_fields_resume(tmp_path):
             dataclasses.replace(config, method="kd_online", mix="mixup"), "abc"))
 
 
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.h5")
-    keras.utils.set_random_seed(0)
-    models.build_teacher(width_multiplier=0.25).save(path)
-    return path
-
-
-def test_a_mixed_bfloat16_run_saves_a_float32_student(tmp_path, teacher_path):
-    config = pipeline.DistillConfig(method="kd_online", teacher=teacher_path, train_split="train", val_split="train",
+def test_a_mixed_bfloat16_run_saves_a_float32_student(tmp_path, seeded_teacher_path):
+    config = pipeline.DistillConfig(method="kd_online", teacher=seeded_teacher_path, train_split="train",
+                                    val_split="train",
                                     epochs=1, batch_size=4, keep_blocks=2, export_modes="fp32", verbose=0,
                                     precision="mixed_bfloat16")
     workdir = tmp_path / "run"

@@ -157,17 +157,9 @@ def test_the_overlay_comes_before_the_mix(tmp_path):
         np.testing.assert_array_equal(m_ids.numpy(), ids.numpy())
 
 
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("teacher") / "teacher.h5")
-    keras.utils.set_random_seed(0)
-    models.build_teacher(width_multiplier=0.25).save(path)
-    return path
-
-
 @pytest.mark.parametrize("method,mix", [("kd_online", "mixup"), ("kd_ig_online", "cutmix")])
-def test_online_runs_with_a_mix(tmp_path, teacher_path, method, mix):
-    config = pipeline.DistillConfig(method=method, teacher=teacher_path, train_split="train", val_split="train",
+def test_online_runs_with_a_mix(tmp_path, seeded_teacher_path, method, mix):
+    config = pipeline.DistillConfig(method=method, teacher=seeded_teacher_path, train_split="train", val_split="train",
                                     epochs=1, batch_size=4, keep_blocks=2, ig_steps=1, examples_per_shard=6,
                                     export_modes="", verbose=0, mix=mix, p=0.5)
     workdir = str(tmp_path / "run")
